@@ -1,0 +1,281 @@
+"""The MoE decoder as Flax Linen modules, and the functional `init` / `forward` around them.
+
+`forward(cfg, params, tokens, masks=None)` is the one entry point everything calls: scoring
+differentiates it with respect to `masks`, evaluation and generation run it with a KV cache,
+pruning compares its logits before and after compaction. Params are plain nested dicts laid
+out as in `moe_jax.model.layout`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax.config import ModelConfig
+from moe_jax.model import moe
+from moe_jax.model.attention import GQAttention, Linear, MLAttention, RMSNorm, rope_cos_sin
+
+_INIT = nn.initializers.normal(stddev=0.02)
+CAPTURES = ("routing", "activations", "moe_inputs")
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (dense layers and shared experts)."""
+
+    width: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        g = Linear(self.width, False, self.dtype, name="gate_proj")(x)
+        u = Linear(self.width, False, self.dtype, name="up_proj")(x)
+        return Linear(x.shape[-1], False, self.dtype, name="down_proj")(nn.silu(g) * u)
+
+
+class _Params(nn.Module):
+    """A named group of raw arrays (so the tree reads experts/bucket_0/gate, not .../kernel)."""
+
+    shapes: Mapping[str, tuple[int, ...]]
+    dtype: Any = jnp.float32
+    init: Any = _INIT
+
+    @nn.compact
+    def __call__(self):
+        return {name: self.param(name, self.init, shape, self.dtype) for name, shape in self.shapes.items()}
+
+
+class _Experts(nn.Module):
+    cfg: ModelConfig
+    layer: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        D = self.cfg.hidden_size
+        out = {}
+        for b, bucket in enumerate(self.cfg.expert_buckets(self.layer)):
+            n, F = len(bucket.expert_ids), bucket.width
+            shapes = {"gate": (n, D, F), "up": (n, D, F), "down": (n, F, D)}
+            out[f"bucket_{b}"] = _Params(shapes, self.dtype, name=f"bucket_{b}")()
+        return out
+
+
+def _per_token(mask, seq_id_T):
+    """(E,) or (S, E) expert mask -> (T, E) per flattened token."""
+    if mask is None:
+        return None
+    return mask[seq_id_T] if mask.ndim == 2 else jnp.broadcast_to(mask, (seq_id_T.shape[0],) + mask.shape)
+
+
+class MoEBlock(nn.Module):
+    """Router + routed experts (+ shared expert with optional sigmoid gate)."""
+
+    cfg: ModelConfig
+    layer: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD, layer_masks, capture: tuple[str, ...], impl: str):
+        cfg, l, dt = self.cfg, self.layer, self.dtype
+        B, T, D = x_BTD.shape
+        E = cfg.experts_per_layer[l]
+        # The router is tiny and decides everything downstream: kept in float32 in every dtype.
+        p = {"router": _Params({"kernel": (D, E)}, jnp.float32, name="router")()}
+        if cfg.router_bias:
+            p["score_bias"] = self.param("score_bias", nn.initializers.zeros, (E,), jnp.float32)
+        experts = _Experts(cfg, l, dt, name="experts")()
+        x_TD = x_BTD.reshape(B * T, D)
+        seq_id_T = jnp.repeat(jnp.arange(B, dtype=jnp.int32), T)
+        layer_masks = layer_masks or {}
+        routing = moe.route(cfg, l, p, x_TD, expert_mask=_per_token(layer_masks.get("experts"), seq_id_T))
+        y_TD, stats = moe.experts_forward(
+            cfg, l, experts, x_TD, routing,
+            dims_mask=layer_masks.get("dims"), seq_id_T=seq_id_T,
+            impl=impl, collect_stats="activations" in capture,
+        )
+        y_BTD = y_TD.reshape(B, T, D).astype(x_BTD.dtype)
+        if cfg.shared_expert_width:
+            shared = MLP(cfg.shared_expert_width, dt, name="shared")(x_BTD)
+            if cfg.shared_expert_gate:
+                gate = Linear(1, False, dt, name="shared_gate")(x_BTD)
+                shared = jax.nn.sigmoid(gate) * shared
+            y_BTD = y_BTD + shared
+        aux = {}
+        if "routing" in capture:
+            aux.update({k: v.reshape(B, T, -1) for k, v in routing._asdict().items()})
+        if "activations" in capture:
+            aux.update(stats)
+        if "moe_inputs" in capture:
+            aux["x"] = x_BTD
+        return y_BTD, aux
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+    layer: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, q_slot_T, key_valid_BS, cache, index, layer_masks, capture, impl):
+        cfg, dt = self.cfg, self.dtype
+        attn_cls = MLAttention if cfg.is_mla else GQAttention
+        h = RMSNorm(cfg.rms_norm_eps, dt, name="input_norm")(x)
+        a, cache = attn_cls(cfg, dt, name="attn")(h, cos, sin, q_slot_T, key_valid_BS, cache, index)
+        x = x + a
+        h = RMSNorm(cfg.rms_norm_eps, dt, name="post_attn_norm")(x)
+        aux = {}
+        if cfg.layer_kinds[self.layer] == "dense":
+            y = MLP(cfg.dense_intermediate_size, dt, name="mlp")(h)
+        else:
+            y, aux = MoEBlock(cfg, self.layer, dt, name="moe")(h, layer_masks, capture, impl)
+        return x + y, cache, aux
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT, q_slot_T, key_valid_BS, cache=None, index=0, masks=None,
+                 capture=(), impl="auto"):
+        cfg, dt = self.cfg, self.dtype
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=dt, dtype=dt,
+                         embedding_init=_INIT, name="embed")
+        x = embed(tokens_BT)
+        cos, sin = rope_cos_sin(cfg, positions_BT)
+        masks = masks or {}
+        new_cache, aux = {}, {}
+        for i in range(cfg.num_layers):
+            name = cfg.layer_name(i)
+            layer_cache = None if cache is None else cache[name]
+            x, layer_cache, layer_aux = DecoderLayer(cfg, i, dt, name=name)(
+                x, cos, sin, q_slot_T, key_valid_BS, layer_cache, index, masks.get(name), capture, impl)
+            if cache is not None:
+                new_cache[name] = layer_cache
+            if layer_aux:
+                aux[name] = layer_aux
+        x = RMSNorm(cfg.rms_norm_eps, dt, name="final_norm")(x)
+        if cfg.tie_word_embeddings:
+            w_DV = embed.embedding.T
+        else:
+            w_DV = _Params({"kernel": (cfg.hidden_size, cfg.vocab_size)}, dt, name="lm_head")()["kernel"]
+        logits = jnp.dot(x, w_DV.astype(x.dtype), preferred_element_type=jnp.float32)
+        return logits, (new_cache if cache is not None else None), aux
+
+
+# ----------------------------------------------------------------------------- functional API
+def _zero_padding(cfg: ModelConfig, params: dict) -> dict:
+    """Zero the padded columns of experts narrower than their bucket (they must add nothing)."""
+    for l in cfg.moe_layers:
+        experts = params[cfg.layer_name(l)]["moe"]["experts"]
+        for b, bucket in enumerate(cfg.expert_buckets(l)):
+            widths = jnp.array([cfg.expert_widths[l][e] for e in bucket.expert_ids])
+            keep_EF = jnp.arange(bucket.width)[None, :] < widths[:, None]
+            w = experts[f"bucket_{b}"]
+            w["gate"] = w["gate"] * keep_EF[:, None, :].astype(w["gate"].dtype)
+            w["up"] = w["up"] * keep_EF[:, None, :].astype(w["up"].dtype)
+            w["down"] = w["down"] * keep_EF[:, :, None].astype(w["down"].dtype)
+    return params
+
+
+def _unfreeze(tree):
+    return {k: _unfreeze(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+def param_shapes(cfg: ModelConfig, dtype: Any = jnp.float32) -> dict:
+    """The parameter tree as `jax.ShapeDtypeStruct`s, traced without allocating anything."""
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    variables = jax.eval_shape(
+        lambda: Transformer(cfg, jnp.dtype(dtype)).init(
+            jax.random.PRNGKey(0), tokens, jnp.arange(2)[None], jnp.arange(2), jnp.ones((1, 2), bool),
+            capture=(), impl="dense"))
+    return _unfreeze(variables["params"])
+
+
+def init(cfg: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -> dict:
+    """Random params: normal(0.02) weights, unit norm scales, zero biases; `jax.eval_shape`-able.
+
+    Leaves come from `param_shapes`. With a concrete key the values are drawn by numpy from a
+    seed taken from the key: XLA's CPU compiler needs ~0.5 s per threefry call, which made
+    creating a tiny model take longer than testing it. Under tracing, `jax.random` is used.
+    """
+    dtype = jnp.dtype(dtype)
+    shapes = param_shapes(cfg, dtype)
+    paths, tree = jax.tree_util.tree_flatten_with_path(shapes)
+    tracing = isinstance(rng, jax.core.Tracer)
+    if tracing:
+        keys = list(jax.random.split(rng, len(paths)))
+    else:
+        seed = [int(x) for x in np.asarray(jax.random.key_data(rng)).ravel()]
+        np_rng = np.random.default_rng(seed)
+    leaves = []
+    for i, (path, s) in enumerate(paths):
+        name = getattr(path[-1], "key", "")
+        if name == "scale":
+            leaves.append(jnp.ones(s.shape, s.dtype))
+        elif name in ("bias", "score_bias"):
+            leaves.append(jnp.zeros(s.shape, s.dtype))
+        elif tracing:
+            leaves.append((0.02 * jax.random.normal(keys[i], s.shape, jnp.float32)).astype(s.dtype))
+        else:
+            leaves.append(jnp.asarray(np_rng.normal(0.0, 0.02, s.shape).astype(np.float32)).astype(s.dtype))
+    return _zero_padding(cfg, jax.tree_util.tree_unflatten(tree, leaves))
+
+
+def default_positions(attention_mask_BT: jax.Array) -> jax.Array:
+    """Positions that start at 0 on each row's first real token (left padding), as HF does."""
+    return jnp.maximum(jnp.cumsum(attention_mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _param_dtype(params) -> Any:
+    return params["embed"]["embedding"].dtype
+
+
+def apply(cfg: ModelConfig, params: dict, tokens_BT, positions_BT, q_slot_T, key_valid_BS, *, cache=None,
+          index=0, masks=None, capture: Sequence[str] = (), impl: str = "auto"):
+    """Low-level call of the Linen module (no jit): returns (logits, cache, aux)."""
+    unknown = set(capture) - set(CAPTURES)
+    if unknown:
+        raise ValueError(f"capture={tuple(capture)}: unknown item(s) {sorted(unknown)}; expected {CAPTURES}")
+    module = Transformer(cfg, _param_dtype(params))
+    return module.apply({"params": params}, tokens_BT, positions_BT, q_slot_T, key_valid_BS, cache, index,
+                        masks, tuple(capture), impl)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "capture", "impl"))
+def _forward(cfg, params, tokens, masks, attention_mask, positions, capture, impl):
+    B, T = tokens.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, T), bool)
+    if positions is None:
+        positions = default_positions(attention_mask)
+    logits, _, aux = apply(cfg, params, tokens, positions, jnp.arange(T), attention_mask.astype(bool),
+                           masks=masks, capture=capture, impl=impl)
+    return logits, aux
+
+
+def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, masks: dict | None = None, *,
+            attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+            capture: Sequence[str] = (), impl: str = "auto"):
+    """Logits (B, T, V) in float32; with `capture`, also a dict of per-MoE-layer captures.
+
+    masks: {layer_name: {"dims": (E, F) | (B, E, F), "experts": (E,) | (B, E)}}.
+    attention_mask: (B, T) 1 for real tokens (left padding supported).
+    capture: any of "routing" (logits/scores/idx/weights per token), "activations" (per-expert
+    sums of |h| and output norms), "moe_inputs" (the MoE block's input).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be (batch, length) int32, got shape {tokens.shape}")
+    logits, aux = _forward(cfg, params, tokens, masks, attention_mask, positions, tuple(capture), impl)
+    return (logits, aux) if capture else logits
+
+
+def count_params(params) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,50 @@
+"""Shared fixtures: small configs of every family, built without transformers."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from moe_jax.config import ModelConfig
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def tiny_config(family: str = "qwen2_moe", **overrides) -> ModelConfig:
+    """A few-layer model of `family` small enough to compile in seconds."""
+    base = dict(
+        model_type=family, vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+        head_dim=8, num_experts_per_tok=2, max_position_embeddings=128,
+    )
+    if family == "qwen2_moe":
+        base.update(qkv_bias=True, shared_expert_width=40, shared_expert_gate=True, norm_topk_prob=False,
+                    dense_intermediate_size=48)
+        dense = (1,)
+    elif family == "qwen3_moe":
+        base.update(qk_norm="head", dense_intermediate_size=48)
+        dense = ()
+    elif family == "olmoe":
+        base.update(qk_norm="full", norm_topk_prob=False)
+        dense = ()
+    elif family == "mixtral":
+        dense = ()
+    elif family in ("deepseek_v2", "deepseek_v3"):
+        v3 = family == "deepseek_v3"
+        base.update(num_kv_heads=4, head_dim=4, kv_lora_rank=16, q_lora_rank=12 if v3 else None,
+                    qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, rope_interleave=True,
+                    dense_intermediate_size=48, shared_expert_width=24, router_score="sigmoid" if v3 else "softmax",
+                    router_bias=v3, topk_method="noaux_tc" if v3 else "group_limited_greedy", n_group=4,
+                    topk_group=2, routed_scaling_factor=2.5 if v3 else 1.0, norm_topk_prob=v3)
+        dense = (0,)
+    else:
+        raise ValueError(family)
+    num_experts = overrides.pop("num_experts", 8)
+    width = overrides.pop("moe_intermediate_size", 24)
+    dense = overrides.pop("dense_layers", dense)
+    base.update(overrides)
+    return ModelConfig.create(num_experts=num_experts, moe_intermediate_size=width, dense_layers=dense, **base)
+
+
+@pytest.fixture
+def rng():
+    return jax.random.PRNGKey(0)
