@@ -16,7 +16,8 @@ import dataclasses
 import functools
 import json
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 ROPE_TYPES = ("default", "linear", "yarn")
@@ -125,7 +126,7 @@ class ModelConfig:
         moe_intermediate_size: int,
         dense_layers: Sequence[int] = (),
         **kwargs: Any,
-    ) -> "ModelConfig":
+    ) -> ModelConfig:
         """A uniform config: every MoE layer has `num_experts` experts of one width."""
         num_layers = kwargs["num_layers"]
         dense = set(dense_layers)
@@ -139,10 +140,10 @@ class ModelConfig:
             **kwargs,
         )
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
-    def with_layer_experts(self, layer: int, widths: Sequence[int]) -> "ModelConfig":
+    def with_layer_experts(self, layer: int, widths: Sequence[int]) -> ModelConfig:
         """This config with MoE layer `layer` holding experts of the given widths."""
         if self.layer_kinds[layer] != "moe":
             raise ConfigError(f"layer {layer} is a dense layer; it has no experts to resize")
@@ -252,7 +253,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -271,11 +272,11 @@ class ModelConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         return cls.from_dict(json.loads(text))
 
     @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
         from moe_jax import hf_config  # local import: keeps this module dependency-free
 
         return hf_config.from_hf(cls, dict(hf), source)

