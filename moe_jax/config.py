@@ -111,7 +111,7 @@ class ModelConfig:
     router_bias: bool = False
     shared_expert_width: int = 0
     shared_expert_gate: bool = False
-    max_width_buckets: int = 4
+    max_width_buckets: int = 8
     hf_extra: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
