@@ -96,7 +96,7 @@ def split_of(domain: str, key: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # arithmetic
 
-_ARITH_START = (2, 20)  # inclusive range of the starting amount
+_ARITH_START = (1, 9)  # inclusive range of the starting amount
 _ARITH_OPERAND = (1, 9)  # inclusive range of each step's amount
 _ARITH_MAX_VALUE = 99  # every intermediate and the result stay in 0.._ARITH_MAX_VALUE
 _ARITH_NAMES = ("Ann", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Ida", "Jo", "Kim")
@@ -209,17 +209,18 @@ def _facts_universe(split: str) -> list[Example]:
 # code
 
 _VAR_NAMES = ("a", "b", "c", "d", "n", "x", "y", "z")
+_MAX_COPY_DEPTH = 1
 _BRACKETS = {"(": ")", "[": "]", "{": "}", "<": ">"}
 
 
 def _sample_binding(rng: random.Random) -> tuple[str, Example]:
-    """Single-assignment program of literals and copies; print a variable (<= 2 copies deep)."""
+    """Single-assignment program of literals and copies; print a variable (<= 1 copy deep)."""
     names = rng.sample(_VAR_NAMES, rng.randint(3, 5))
     values: dict[str, int] = {}
     depth: dict[str, int] = {}
     statements = []
     for i, var in enumerate(names):
-        sources = [u for u in names[:i] if depth[u] < 2]
+        sources = [u for u in names[:i] if depth[u] < _MAX_COPY_DEPTH]
         if sources and rng.random() < 0.6:
             src = rng.choice(sources)
             statements.append(f"{var}={src}")

@@ -1,0 +1,744 @@
+"""The training loop as a library: config -> trained MoE in `workdir`, resumable bit-for-bit.
+
+`train(config, workdir)` builds a `ModelConfig` from the ml_collections `config`, initialises
+(or restores the latest orbax checkpoint in ``workdir/checkpoints``), runs a jit-compiled
+`train_step`, logs to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``), evaluates
+held-out loss, and at the end measures greedy exact match per skills domain and exports
+``workdir/model/`` (Hugging Face format, float32, with tokenizer.json) for `hf.load_pretrained`.
+
+Why it is built this way:
+- The batch of step ``s`` is a pure function of (rows, seed, s) (`batch_indices`): a restart
+  needs only the step, so a killed-and-resumed run ends with exactly the uninterrupted params.
+- The loss is next-token cross-entropy under the data's loss mask plus the Switch/Mixtral
+  load-balancing loss and the router z-loss, averaged over MoE layers (`loss_fn`).
+- Every file a reader might see half-written (metrics summary, model export) is written to a
+  temporary name and renamed; checkpoints are orbax's own atomic directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from moe_jax import hf, model
+from moe_jax.config import ModelConfig
+from moe_jax.data import pipeline, skills
+from moe_jax.data.tokenizer import ByteTokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+class TrainError(ValueError):
+    """A config value, workdir or checkpoint the trainer cannot use; the message names it."""
+
+
+# ============================================================================== config
+def default_config() -> ml_collections.ConfigDict:
+    """Every key `train` reads, with its type and a neutral default (configs/ override values)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.steps = 1000
+    c.batch_size = 64
+    c.impl = "auto"  # MoE dispatch path, see moe_jax.model.moe.IMPLS
+    c.model = ml_collections.ConfigDict(dict(
+        model_type="qwen2_moe", vocab_size=ByteTokenizer.vocab_size, hidden_size=128, num_layers=4,
+        num_heads=4, num_kv_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=128, shared_expert_width=0, shared_expert_gate=False,
+        dense_layers=(), dense_intermediate_size=0, norm_topk_prob=True, qkv_bias=False,
+        tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=128))
+    c.data = ml_collections.ConfigDict(dict(
+        seq_len=64, seed=0, prompt_weight=0.0,
+        # pack=True puts several examples in a row (less padding; positions restart at each BOS),
+        # but the model has no cross-example attention mask, so examples see earlier ones.
+        pack=False,
+        # Training examples drawn per skills domain (facts cycles through its 576 examples).
+        examples_per_domain=ml_collections.ConfigDict({d: 4000 for d in skills.DOMAINS}),
+        eval_examples_per_domain=50))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=3e-3, warmup_steps=100, min_lr_ratio=0.05, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05,
+        clip_norm=1.0))
+    c.loss = ml_collections.ConfigDict(dict(aux_coef=0.01, z_coef=1e-3))
+    c.log_every = 25
+    c.eval_every = 250
+    c.checkpoint_every = 250
+    c.keep_checkpoints = 3
+    c.final_eval_examples_per_domain = 50  # greedy exact match at the end; 0 skips it
+    c.accuracy_every = 0  # also measure exact match every this many steps (0: only at the end)
+    c.max_new_tokens = 20
+    c.export_dir = ""  # also write the final HF model here (e.g. checkpoints/skills_tiny)
+    c.progress_bar = True
+    return c
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise TrainError naming ``config.<key>`` for unknown/missing keys, wrong types, bad values."""
+    _check_against(config, default_config(), "config")
+    positive = ["steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                "max_new_tokens", "data.seq_len", "data.eval_examples_per_domain", "optim.lr"]
+    for key in positive:
+        value = _get(config, key)
+        if not value > 0:
+            raise TrainError(f"config.{key}={value!r}: must be positive")
+    if config.impl not in ("auto", "dense", "ragged", "blocked", "gather"):
+        raise TrainError(f"config.impl={config.impl!r}: expected auto, dense, ragged, blocked or gather")
+    unknown = set(config.data.examples_per_domain) - set(skills.DOMAINS)
+    if unknown:
+        raise TrainError(f"config.data.examples_per_domain: unknown domain(s) {sorted(unknown)}; "
+                         f"expected {skills.DOMAINS}")
+
+
+def _get(config, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def _check_against(config: Any, reference: Any, path: str) -> None:
+    if isinstance(reference, ml_collections.ConfigDict):
+        if not isinstance(config, (ml_collections.ConfigDict, Mapping)):
+            raise TrainError(f"{path}: expected a ConfigDict of {sorted(reference)}, "
+                             f"got {type(config).__name__}")
+        if path == "config.data.examples_per_domain":
+            for domain, n in dict(config).items():
+                _check_against(n, 0, f"{path}.{domain}")
+                if n < 0:
+                    raise TrainError(f"{path}.{domain}={n}: must be >= 0")
+            return
+        unknown, missing = set(config) - set(reference), set(reference) - set(config)
+        if unknown:
+            raise TrainError(f"{path}: unknown key(s) {sorted(unknown)}; known keys: {sorted(reference)}")
+        if missing:
+            raise TrainError(f"{path}: missing key(s) {sorted(missing)} (start from train.default_config())")
+        for key in reference:
+            _check_against(config[key], reference[key], f"{path}.{key}")
+        return
+    expected = type(reference)
+    ok = isinstance(config, expected) and not (expected is int and isinstance(config, bool))
+    if expected is float and isinstance(config, int) and not isinstance(config, bool):
+        ok = True
+    if expected is tuple and isinstance(config, list):
+        ok = True
+    if not ok:
+        raise TrainError(f"{path}={config!r}: expected {expected.__name__}, got {type(config).__name__}")
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The ModelConfig described by ``config.model`` (uniform experts; dense_layers are dense)."""
+    m = dict(config.model)
+    try:
+        return ModelConfig.create(
+            num_experts=m.pop("num_experts"), moe_intermediate_size=m.pop("moe_intermediate_size"),
+            dense_layers=tuple(m.pop("dense_layers")), **m)
+    except (ValueError, TypeError) as err:
+        raise TrainError(f"config.model does not describe a valid model: {err}") from err
+
+
+# ============================================================================== optimiser
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The part of the config a train step depends on; hashable, so it is a jit static argument
+    and equal configs share one compiled step (a resumed run in the same process compiles nothing)."""
+
+    steps: int
+    lr: float
+    warmup_steps: int
+    min_lr_ratio: float
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    clip_norm: float
+    aux_coef: float
+    z_coef: float
+    impl: str
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict | StepSettings) -> StepSettings:
+        if isinstance(config, StepSettings):
+            return config
+        o, loss = config.optim, config.loss
+        return cls(int(config.steps), float(o.lr), int(o.warmup_steps), float(o.min_lr_ratio), float(o.b1),
+                   float(o.b2), float(o.eps), float(o.weight_decay), float(o.clip_norm), float(loss.aux_coef),
+                   float(loss.z_coef), str(config.impl))
+
+
+def make_schedule(config: ml_collections.ConfigDict | StepSettings) -> optax.Schedule:
+    """Linear warm-up from 0 to ``optim.lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    s = StepSettings.from_config(config)
+    warmup = max(min(s.warmup_steps, s.steps - 1), 0)
+    return optax.warmup_cosine_decay_schedule(0.0, s.lr, warmup, s.steps, s.lr * s.min_lr_ratio)
+
+
+def make_optimizer(config: ml_collections.ConfigDict | StepSettings) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on the schedule (no weight decay on vectors: norms, biases)."""
+    s = StepSettings.from_config(config)
+    decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(s.clip_norm),
+        optax.adamw(make_schedule(s), b1=s.b1, b2=s.b2, eps=s.eps, weight_decay=s.weight_decay,
+                    mask=decay_mask),
+    )
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; with the step it fixes all that follows."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    rng: jax.Array  # uint32[2] PRNG key (the loop folds in the step; nothing stochastic uses it yet)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"params": self.params, "opt_state": self.opt_state, "step": self.step, "rng": self.rng}
+
+
+def init_state(cfg: ModelConfig, config: ml_collections.ConfigDict) -> TrainState:
+    """Fresh params from ``config.seed`` and their optimizer state, at step 0."""
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, state_rng = jax.random.split(rng)
+    params = model.init(cfg, init_rng, jnp.float32)
+    return TrainState(params, make_optimizer(config).init(params), jnp.zeros((), jnp.int32), state_rng)
+
+
+# ============================================================================== losses
+def load_balancing_loss(scores_BTE: jax.Array, idx_BTK: jax.Array, valid_BT: jax.Array) -> jax.Array:
+    """Switch/Mixtral balance loss E * sum_e f_e * P_e over the valid tokens.
+
+    f_e: fraction of the T*K routed (token, slot) assignments that went to expert e (no
+    gradient); P_e: mean router probability of e (scores renormalised per token, so sigmoid
+    routers work too). Uniform routing gives 1; all tokens on K experts gives E/K.
+    """
+    E = scores_BTE.shape[-1]
+    w_BT = valid_BT.astype(jnp.float32)
+    n_tokens = jnp.maximum(w_BT.sum(), 1.0)
+    counts_E = jnp.sum(jax.nn.one_hot(idx_BTK, E, dtype=jnp.float32) * w_BT[..., None, None], axis=(0, 1, 2))
+    f_E = jax.lax.stop_gradient(counts_E / (n_tokens * idx_BTK.shape[-1]))
+    probs_BTE = scores_BTE / jnp.maximum(scores_BTE.sum(-1, keepdims=True), 1e-9)
+    p_E = jnp.sum(probs_BTE * w_BT[..., None], axis=(0, 1)) / n_tokens
+    return E * jnp.sum(f_E * p_E)
+
+
+def router_z_loss(logits_BTE: jax.Array, valid_BT: jax.Array) -> jax.Array:
+    """Mean over valid tokens of logsumexp(router logits)^2 (ST-MoE): keeps router logits small."""
+    w_BT = valid_BT.astype(jnp.float32)
+    z_BT = jax.nn.logsumexp(logits_BTE.astype(jnp.float32), axis=-1)
+    return jnp.sum(z_BT**2 * w_BT) / jnp.maximum(w_BT.sum(), 1.0)
+
+
+def masked_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array):
+    """(sum of weighted token CE, sum of weights) so callers can average over any grouping."""
+    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+    return jnp.sum(ce_BT * weights_BT, axis=-1), jnp.sum(weights_BT, axis=-1)
+
+
+def segment_positions(segment_ids_BT: np.ndarray) -> np.ndarray:
+    """Position of each token inside its packed example (0 at the example's first token)."""
+    T = segment_ids_BT.shape[1]
+    index_BT = np.broadcast_to(np.arange(T, dtype=np.int32), segment_ids_BT.shape)
+    starts_BT = np.concatenate([np.ones_like(segment_ids_BT[:, :1], bool),
+                                segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    start_index_BT = np.maximum.accumulate(np.where(starts_BT, index_BT, 0), axis=1)
+    return (index_BT - start_index_BT).astype(np.int32)
+
+
+def _shifted(batch):
+    """Row t predicts token t+1 (the pipeline's convention); a token is real if its segment id > 0."""
+    tokens_BT = batch["tokens"]
+    return (tokens_BT[:, :-1], tokens_BT[:, 1:], batch["loss_mask"][:, 1:], batch["segment_ids"][:, :-1] > 0,
+            batch["positions"][:, :-1])
+
+
+def loss_fn(params, cfg: ModelConfig, batch, *, aux_coef: float, z_coef: float, impl: str = "auto"):
+    """Total loss = CE + aux_coef * balance + z_coef * z, the router terms averaged over MoE layers."""
+    inputs_BT, targets_BT, weights_BT, valid_BT, positions_BT = _shifted(batch)
+    logits_BTV, aux = model.forward(cfg, params, inputs_BT, positions=positions_BT, capture=("routing",),
+                                    impl=impl)
+    ce_sum_B, weight_B = masked_cross_entropy(logits_BTV, targets_BT, weights_BT)
+    ce = ce_sum_B.sum() / jnp.maximum(weight_B.sum(), 1.0)
+    balance = [load_balancing_loss(a["scores_TE"], a["idx_TK"], valid_BT) for a in aux.values()]
+    z = [router_z_loss(a["logits_TE"], valid_BT) for a in aux.values()]
+    balance = jnp.mean(jnp.stack(balance)) if balance else jnp.zeros(())
+    z = jnp.mean(jnp.stack(z)) if z else jnp.zeros(())
+    total = ce + aux_coef * balance + z_coef * z
+    return total, {"loss": total, "ce": ce, "aux": balance, "z": z}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "settings"))
+def train_step(state: TrainState, batch, *, cfg: ModelConfig, settings: StepSettings):
+    """One AdamW update on `batch`: returns (new state, metrics incl. grad norm and lr)."""
+    loss = functools.partial(loss_fn, cfg=cfg, aux_coef=settings.aux_coef, z_coef=settings.z_coef,
+                             impl=settings.impl)
+    grads, metrics = jax.grad(loss, has_aux=True)(state.params, batch=batch)
+    updates, opt_state = make_optimizer(settings).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=make_schedule(settings)(state.step))
+    return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+
+def make_train_step(cfg: ModelConfig, config: ml_collections.ConfigDict) -> Callable:
+    """``train_step(state, batch) -> (state, metrics)`` bound to this model and config."""
+    return functools.partial(train_step, cfg=cfg, settings=StepSettings.from_config(config))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"))
+def eval_step(params, batch, *, cfg: ModelConfig, impl: str = "auto"):
+    """Per-row masked CE ``(ce_sum_B, weight_B)``, so callers can average per domain."""
+    inputs_BT, targets_BT, weights_BT, _, positions_BT = _shifted(batch)
+    logits_BTV = model.forward(cfg, params, inputs_BT, positions=positions_BT, impl=impl)
+    return masked_cross_entropy(logits_BTV, targets_BT, weights_BT)
+
+
+def make_eval_step(cfg: ModelConfig, impl: str = "auto") -> Callable:
+    return functools.partial(eval_step, cfg=cfg, impl=impl)
+
+
+# ============================================================================== data
+@dataclasses.dataclass(frozen=True)
+class SkillsData:
+    """Encoded skills rows: the training mixture, and held-out rows (answer-only loss mask) with
+    the domain of each row."""
+
+    train: dict[str, np.ndarray]
+    eval: dict[str, np.ndarray]
+    eval_domain: np.ndarray  # (N_eval,) domain name of each eval row
+
+
+def load_skills(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> SkillsData:
+    """Encode the training mixture and the held-out sets of ``config.data`` (rows + positions)."""
+    d = config.data
+    train_examples = []
+    for domain, n in d.examples_per_domain.items():
+        train_examples += skills.generate(domain, "train", int(n), d.seed)
+    # Shuffle before packing so rows mix domains; the loop reshuffles rows every epoch.
+    order = np.random.default_rng([d.seed, 12345]).permutation(len(train_examples))
+    train_examples = [train_examples[i] for i in order]
+    eval_examples = {dom: skills.eval_set(dom, d.eval_examples_per_domain, d.seed) for dom in skills.DOMAINS}
+
+    def encode(examples, prompt_weight):
+        try:
+            rows = pipeline.encode_examples(examples, tokenizer, d.seq_len, prompt_weight=prompt_weight,
+                                            pack=d.pack)
+        except ValueError as err:
+            raise TrainError(f"config.data.seq_len={d.seq_len}: {err}") from err
+        return dict(rows, positions=segment_positions(rows["segment_ids"]))
+
+    # Held-out loss is on answers only, whatever the training mask, so runs compare.
+    per_domain = {dom: encode(exs, 0.0) for dom, exs in eval_examples.items() if exs}
+    keys = next(iter(per_domain.values()))
+    eval_rows = {k: np.concatenate([rows[k] for rows in per_domain.values()]) for k in keys}
+    eval_domain = np.concatenate([[dom] * len(rows["tokens"]) for dom, rows in per_domain.items()])
+    return SkillsData(encode(train_examples, d.prompt_weight), eval_rows, eval_domain)
+
+
+def batch_indices(step: int, num_rows: int, batch_size: int, seed: int) -> np.ndarray:
+    """Row indices of the batch at `step`: epoch-wise permutations seeded by (seed, epoch).
+
+    The same order as ``pipeline.batches(rows, batch_size, seed, epochs=None)``, but addressed
+    by step, so resuming needs no iterator state.
+    """
+    epoch, index = data_position(step, num_rows, batch_size)
+    order = _permutation(seed, epoch, num_rows)
+    return order[index * batch_size:(index + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, num_rows: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def data_position(step: int, num_rows: int, batch_size: int) -> tuple[int, int]:
+    """(epoch, batch within epoch) that `step` reads; an incomplete last batch is skipped."""
+    per_epoch = num_rows // batch_size
+    if per_epoch == 0:
+        raise TrainError(f"config.batch_size={batch_size} is larger than the {num_rows} training rows")
+    return divmod(int(step), per_epoch)
+
+
+def data_fingerprint(rows: Mapping[str, np.ndarray], batch_size: int, seed: int) -> str:
+    """A short hash of the training rows and batch order: a resume must see the same ones."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{batch_size}|{seed}|".encode())
+    for key in sorted(rows):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(rows[key]).tobytes())
+    return h.hexdigest()
+
+
+def batch_at(rows: Mapping[str, np.ndarray], step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+    idx = batch_indices(step, len(rows["tokens"]), batch_size, seed)
+    return {k: v[idx] for k, v in rows.items()}
+
+
+# ============================================================================== evaluation
+def evaluate_loss(eval_step, params, data: SkillsData, batch_size: int) -> dict[str, float]:
+    """Held-out masked CE: overall and per domain (``eval_ce`` / ``eval_ce/<domain>``)."""
+    n = len(data.eval["tokens"])
+    ce_sums, weights = [], []
+    for start in range(0, n, batch_size):
+        chunk = {k: v[start:start + batch_size] for k, v in data.eval.items()}
+        pad = batch_size - len(chunk["tokens"])
+        if pad:  # keep one compiled shape: padded rows carry zero weight
+            chunk = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
+        c, w = jax.device_get(eval_step(params, chunk))
+        ce_sums.append(c[:batch_size - pad])
+        weights.append(w[:batch_size - pad])
+    ce_sum, weight = np.concatenate(ce_sums), np.concatenate(weights)
+    out = {"eval_ce": float(ce_sum.sum() / max(weight.sum(), 1.0))}
+    for domain in skills.DOMAINS:
+        rows = data.eval_domain == domain
+        if rows.any():
+            out[f"eval_ce/{domain}"] = float(ce_sum[rows].sum() / max(weight[rows].sum(), 1.0))
+    return out
+
+
+def skills_accuracy(cfg: ModelConfig, params, examples: Mapping[str, Sequence[skills.Example]],
+                    tokenizer: Tokenizer, max_new_tokens: int = 20) -> dict[str, float]:
+    """Greedy exact match per domain (``accuracy/<domain>``) and safety's refusal rates, scored
+    by `moe_jax.evaluation.exact_match` so training reports what evaluation reports.
+
+    ``refusal/forbidden``: share of forbidden prompts answered with exactly `skills.REFUSAL`;
+    ``refusal/benign``: share of benign look-alikes wrongly refused (over-refusal).
+    """
+    from moe_jax import evaluation
+
+    flat = [ex for exs in examples.values() for ex in exs]
+    if not flat:
+        return {}
+    scores = evaluation.exact_match(cfg, params, tokenizer, flat, batch_size=min(len(flat), 128),
+                                    max_new_tokens=max_new_tokens)["per_domain"]
+    results = {f"accuracy/{domain}": float(s["exact_match"]) for domain, s in scores.items()}
+    safety = scores.get("safety", {})
+    for name, key in (("forbidden", "refusal_rate"), ("benign", "over_refusal_rate")):
+        if safety.get(key) is not None:
+            results[f"refusal/{name}"] = float(safety[key])
+    return results
+
+
+# ============================================================================== files
+def _check_workdir(workdir: Path) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise TrainError(f"workdir {str(workdir)!r} is not a writable directory: {err}") from err
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path` and rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _summary_writer_class():
+    """tensorboardX.SummaryWriter, imported without torch when torch is not loaded yet:
+    tensorboardX tries an optional ``import torch`` that costs ~10 s and is not needed here."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes the optional import fail at once
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
+def _step_of(line: str) -> float:
+    """Step of a metrics.jsonl line; a line cut short by a kill counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+class MetricsLog:
+    """Appends one JSON line per record to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: Path, resume_step: int):
+        self.path = workdir / "metrics.jsonl"
+        if self.path.exists():  # drop records past the checkpoint we resume from: they are redone
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
+            _write_atomic(self.path, "".join(line + "\n" for line in kept))
+        purge = resume_step + 1 if resume_step else None
+        self.tb = _summary_writer_class()(str(workdir / "tb"), purge_step=purge)
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in metrics.items():
+            self.tb.add_scalar(key, float(value), int(step))
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+# ============================================================================== checkpoints
+def checkpoint_manager(workdir: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
+                                 item_names=("state", "meta"))
+
+
+def save_checkpoint(manager, state: TrainState, meta: dict[str, Any]) -> None:
+    import orbax.checkpoint as ocp
+
+    step = int(state.step)
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state.as_dict()),
+                                                 meta=ocp.args.JsonSave(meta)), force=True)
+    manager.wait_until_finished()
+
+
+def param_shapes(params) -> dict[str, list[int]]:
+    """{"layer_0/attn/q_proj/kernel": [D, H*hd], ...}: what a checkpoint must match to be restored."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): list(x.shape) for path, x in leaves}
+
+
+def restore_checkpoint(manager, step: int, target: TrainState) -> tuple[TrainState, dict]:
+    """The state saved at `step` (structure and shapes from `target`); errors name the path."""
+    import orbax.checkpoint as ocp
+
+    path = Path(manager.directory) / str(step)
+
+    def unreadable(err: Exception) -> TrainError:
+        return TrainError(f"checkpoint {path} is corrupted or incompatible and cannot be restored "
+                          f"({type(err).__name__}: {str(err)[:300]}); delete it to resume from an earlier "
+                          f"one, or use a fresh workdir")
+
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
+    except Exception as err:  # orbax/tensorstore raise many types; all mean "unreadable"
+        raise unreadable(err) from err
+    saved, expected = meta.get("param_shapes"), param_shapes(target.params)
+    if saved is not None and saved != expected:
+        key = next(k for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k))
+        raise TrainError(f"checkpoint {path} holds params of other shapes than config.model describes "
+                         f"(first difference: {key}: checkpoint {saved.get(key)}, "
+                         f"config {expected.get(key)}); "
+                         f"use a fresh workdir or the config it was trained with")
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target.as_dict())
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    except Exception as err:
+        raise unreadable(err) from err
+    # Through host memory: orbax returns device-committed arrays, which would make jit compile
+    # the train step again for what is the same computation as on freshly initialised arrays.
+    s = jax.tree_util.tree_map(jnp.asarray, jax.device_get(restored["state"]))
+    state = TrainState(s["params"], s["opt_state"], jnp.asarray(s["step"], jnp.int32), s["rng"])
+    if int(state.step) != step:
+        raise TrainError(f"checkpoint {path} holds step {int(state.step)}, not {step}")
+    return state, meta
+
+
+# ============================================================================== the loop
+class _Stopwatch:
+    """Training seconds, excluding evaluation, checkpointing and the first (compiling) step."""
+
+    def __init__(self, earlier_seconds: float):
+        self.earlier = earlier_seconds
+        self.total = 0.0
+        self.window_start = time.perf_counter()
+        self.window_steps = 0
+
+    def pause(self) -> float:
+        """Close the running window: returns its seconds (also added to the total)."""
+        elapsed = time.perf_counter() - self.window_start
+        self.total += elapsed
+        return elapsed
+
+    def resume(self) -> None:
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    @property
+    def seconds(self) -> float:
+        return self.earlier + self.total
+
+
+def _init_or_resume(cfg: ModelConfig, config, manager, fingerprint: str) -> tuple[TrainState, dict]:
+    """The latest checkpoint's state (checked against the data it was trained on), else a fresh one."""
+    state = init_state(cfg, config)
+    latest = manager.latest_step()
+    if latest is None:
+        return state, {}
+    state, meta = restore_checkpoint(manager, latest, state)
+    saved = meta.get("data", {}).get("fingerprint", fingerprint)
+    if saved != fingerprint:
+        raise TrainError(
+            f"checkpoint {Path(manager.directory) / str(latest)} was trained on other data or another "
+            f"batch order (fingerprint {saved} != {fingerprint}): config.data, config.batch_size or the "
+            f"skills generator changed; resuming would not reproduce the run, so use a fresh workdir")
+    log.info("resumed from %s at step %d", Path(manager.directory) / str(latest), latest)
+    return state, meta
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Train (or resume) the model of `config` in `workdir`; returns the run summary.
+
+    Writes workdir/{metrics.jsonl, tb/, checkpoints/<step>/, train_summary.json, model/}.
+    """
+    validate_config(config)
+    workdir = Path(workdir)
+    _check_workdir(workdir)
+    run_start = time.perf_counter()
+    cfg = model_config(config)
+    tokenizer = ByteTokenizer()
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise TrainError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the byte tokenizer's "
+                         f"{tokenizer.vocab_size}")
+    data = load_skills(config, tokenizer)
+    num_rows = len(data.train["tokens"])
+    data_position(0, num_rows, config.batch_size)  # fails early on a too-large batch
+    accuracy_examples = {d: skills.eval_set(d, config.final_eval_examples_per_domain, config.data.seed)
+                         for d in skills.DOMAINS} if config.final_eval_examples_per_domain else {}
+
+    manager = checkpoint_manager(workdir, config.keep_checkpoints)
+    fingerprint = data_fingerprint(data.train, config.batch_size, config.data.seed)
+    state, restored_meta = _init_or_resume(cfg, config, manager, fingerprint)
+    start = int(state.step)
+    metrics_log = MetricsLog(workdir, start)
+    step_fn, eval_fn = make_train_step(cfg, config), make_eval_step(cfg, config.impl)
+    watch = _Stopwatch(float(restored_meta.get("train_seconds", 0.0)))
+    shapes = param_shapes(state.params)
+
+    def meta(step: int) -> dict[str, Any]:
+        epoch, index = data_position(step, num_rows, config.batch_size)
+        return {"step": step, "train_seconds": watch.seconds, "model": json.loads(cfg.to_json()),
+                "param_shapes": shapes,
+                "data": {"epoch": epoch, "batch_in_epoch": index, "rows": num_rows, "seed": config.data.seed,
+                         "batch_size": config.batch_size, "fingerprint": fingerprint}}
+
+    def every(n: int, done: int) -> bool:
+        return done % n == 0 or done == config.steps
+
+    tokens_per_step = config.batch_size * (config.data.seq_len - 1)
+    progress = _progress(start, config)
+    last: dict[str, float] = {}
+    compile_seconds = 0.0
+    for step in range(start, config.steps):
+        batch = batch_at(data.train, step, config.batch_size, config.data.seed)
+        state, metrics = step_fn(state, batch)
+        done = step + 1
+        if step == start:  # the first call compiles: keep it out of the throughput
+            jax.block_until_ready(metrics)
+            compile_seconds = time.perf_counter() - watch.window_start
+            watch.resume()
+        else:
+            watch.window_steps += 1
+        if every(config.log_every, done):
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not math.isfinite(metrics["loss"]):
+                raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; lower config.optim.lr")
+            steps_in_window, elapsed = watch.window_steps, watch.pause()
+            if steps_in_window:
+                metrics["tokens_per_s"] = steps_in_window * tokens_per_step / elapsed
+                metrics["steps_per_s"] = steps_in_window / elapsed
+            last.update(metrics)
+            metrics_log.write(done, metrics)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", ce=f"{metrics['ce']:.3f}", refresh=False)
+            watch.resume()
+        if every(config.eval_every, done) or every(config.checkpoint_every, done):
+            watch.pause()
+            if every(config.eval_every, done):
+                last.update(evaluate_loss(eval_fn, state.params, data, config.batch_size))
+                metrics_log.write(done, {k: v for k, v in last.items() if k.startswith("eval_")})
+            if config.accuracy_every and done % config.accuracy_every == 0 and done < config.steps:
+                accuracy = skills_accuracy(cfg, state.params, accuracy_examples, tokenizer,
+                                           config.max_new_tokens)
+                metrics_log.write(done, accuracy)
+                log.info("step %d held-out exact match: %s", done, accuracy)
+            if every(config.checkpoint_every, done):
+                save_checkpoint(manager, state, meta(done))
+            watch.resume()
+        progress.update(1)
+    progress.close()
+
+    if "eval_ce" not in last:  # resumed at the end: nothing was evaluated in this run
+        last.update(evaluate_loss(eval_fn, state.params, data, config.batch_size))
+    accuracy = {}
+    if accuracy_examples:
+        accuracy = skills_accuracy(cfg, state.params, accuracy_examples, tokenizer, config.max_new_tokens)
+        metrics_log.write(int(state.step), accuracy)
+        log.info("held-out exact match (%d prompts per domain): %s", config.final_eval_examples_per_domain,
+                 accuracy)
+    metrics_log.close()
+    manager.close()
+    skills_source = hashlib.blake2b(Path(skills.__file__).read_bytes(), digest_size=8).hexdigest()
+    summary = {
+        "steps": int(state.step), "steps_this_run": config.steps - start,
+        "train_seconds": round(watch.seconds, 1), "compile_seconds_this_run": round(compile_seconds, 1),
+        "wall_seconds_this_run": round(time.perf_counter() - run_start, 1),
+        "tokens_per_s": round(last.get("tokens_per_s", 0.0), 1),
+        "tokens_per_step": tokens_per_step, "params": model.count_params(state.params),
+        "data": {"train_rows": num_rows, "fingerprint": fingerprint, "skills_py_blake2b": skills_source},
+        "final": {k: round(v, 5) for k, v in last.items()
+                  if k in ("loss", "ce", "aux", "z", "grad_norm") or k.startswith("eval_ce")},
+        "held_out_examples_per_domain": config.final_eval_examples_per_domain,
+        "accuracy": {k: round(v, 4) for k, v in accuracy.items()},
+        "config": json.loads(config.to_json()),
+    }
+    summary_file = workdir / "train_summary.json"
+    _write_atomic(summary_file, json.dumps(summary, indent=2) + "\n")
+    for out_dir in [workdir / "model"] + ([Path(config.export_dir)] if config.export_dir else []):
+        _export(cfg, state.params, tokenizer, summary_file, out_dir)
+    return summary
+
+
+def _progress(start: int, config):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not config.progress_bar,
+                dynamic_ncols=True)
+
+
+def _export(cfg: ModelConfig, params, tokenizer: ByteTokenizer, summary_file: Path, out_dir: Path) -> None:
+    """`out_dir` as a Hugging Face checkpoint (float32) + tokenizer files + train_summary.json."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=out_dir.parent) as tmp:
+        tokenizer.save_pretrained(tmp)
+        extras = [Path(tmp) / "tokenizer.json", Path(tmp) / "tokenizer_config.json", summary_file]
+        try:
+            hf.save_pretrained(cfg, jax.device_get(params), out_dir, dtype="float32", overwrite=True,
+                               extra_files=extras)
+        except OSError as err:
+            raise TrainError(f"cannot write the model to {str(out_dir)!r}: {err}") from err
+    _make_readable(out_dir)
+
+
+def _make_readable(directory: Path) -> None:
+    """Temporary files are created owner-only; published outputs follow the umask like any file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~umask)
