@@ -436,8 +436,8 @@ def skills_accuracy(cfg: ModelConfig, params, examples: Mapping[str, Sequence[sk
 def _check_workdir(workdir: Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-") as probe:
+            probe.write(b"ok")
     except OSError as err:
         raise TrainError(f"workdir {str(workdir)!r} is not a writable directory: {err}") from err
 
