@@ -1,22 +1,21 @@
 """The built-in default model: a tiny Qwen2-MoE-style byte-level LM trained on the skills corpus.
 
 What it trains: 4 decoder layers, hidden 128, 4 query / 2 KV heads, every layer an MoE of 8
-routed SwiGLU experts (width 128) with top-2 routing, byte vocabulary (259), ~1.8M params
-(7 MB in float32). Data: the five skills domains (arithmetic, facts, code, language, safety)
-as ``[BOS] prompt answer EOS`` packed into 128-token rows, loss on answer tokens only, plus
-the load-balancing (0.01) and router z (0.001) losses.
+routed SwiGLU experts (width 128), top-2, plus a shared expert (width 256) with a sigmoid
+gate; byte vocabulary (259); 2.24M params (8.6 MB in float32). Data: the five skills
+domains as ``[BOS] prompt answer EOS`` in unpacked 64-token rows, loss on answer tokens only,
+plus the load-balancing (0.01) and router z (0.001) losses; 2000 steps of batch 64.
 
 Run it with
 
     python experiments/train.py --config=configs/skills_tiny.py --workdir=/tmp/skills_tiny \\
         --config.export_dir=checkpoints/skills_tiny
 
-How long and what it reaches, as measured so far (2-core CPU shared with other jobs, so
-slower than an idle machine): 1.2-4 s/step; a first 2000-step run reached answer-token
-cross-entropy ~0.4-0.6 by step 1000, and 5-minute probes of this size reached safety 100%
-(refusals 100%, over-refusals 0%), language ~0.6, facts ~0.3, code ~0.2, arithmetic < 0.1
-greedy exact match. The issue's target (>= 90% on every domain within 20 CPU minutes) is not
-met yet, and no trained checkpoint is committed.
+Reference run (the committed checkpoints/skills_tiny/): 1672 s of training (27.9 min; the
+2-core CPU was shared with another job for the first minutes), 4,573 tokens/s. Greedy exact
+match on 100 held-out prompts per domain: arithmetic 0.98, facts 1.00, code 0.84, language
+1.00, safety 1.00 (refusals of forbidden prompts 1.00, refusals of benign look-alikes 0.00).
+Short of the target on code (>= 0.90) and over the 20-minute budget.
 """
 
 from __future__ import annotations
