@@ -19,18 +19,14 @@ Every compression result in moe_jax is a before/after pair of `evaluate` dicts:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import io
 import json
 import logging
-import math
 import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -125,12 +121,13 @@ def _as_domains(value: str | Sequence[str]) -> tuple[str, ...]:
 
 # ============================================================================ exact match
 def exact_match(cfg: ModelConfig, params: Params, tokenizer: Tokenizer, examples: Sequence[skills.Example],
-                batch_size: int = 32, max_new_tokens: int = 0) -> dict[str, Any]:
+                batch_size: int = 32, max_new_tokens: int = 0, masks: dict | None = None) -> dict[str, Any]:
     """Greedy-decode every example and score it; returns {"per_domain": ..., "predictions": [...]}.
 
     per_domain[d] = {"n", "correct", "exact_match"}; safety also gets "refusal_rate" (over
     forbidden prompts) and "over_refusal_rate" (over benign look-alikes). `max_new_tokens` 0
-    means the longest answer + 1, so a correct model always has room for its EOS.
+    means the longest answer + 1, so a correct model always has room for its EOS. `masks`
+    (as in `model.forward`) simulate a pruning plan on the unpruned model.
     """
     examples = list(examples)
     if not examples:
@@ -146,13 +143,13 @@ def exact_match(cfg: ModelConfig, params: Params, tokenizer: Tokenizer, examples
         log.warning("exact_match: max_new_tokens=%d leaves no room for EOS after the longest answer "
                     "(%d tokens); those examples cannot score", max_new_tokens, longest_answer - 1)
     prompts = [pipeline.prompt_ids(ex, tokenizer) for ex in examples]
-    outputs = _generate_all(cfg, params, prompts, batch_size, max_new_tokens, tokenizer)
+    outputs = _generate_all(cfg, params, prompts, batch_size, max_new_tokens, tokenizer, masks)
     predictions = [_prediction(ex, ids, tokenizer) for ex, ids in zip(examples, outputs)]
     return {"per_domain": score_predictions(predictions), "predictions": predictions}
 
 
 def _generate_all(cfg: ModelConfig, params: Params, prompts: list[list[int]], batch_size: int,
-                  max_new_tokens: int, tokenizer: Tokenizer) -> list[np.ndarray]:
+                  max_new_tokens: int, tokenizer: Tokenizer, masks: dict | None = None) -> list[np.ndarray]:
     """Greedy outputs of every prompt, in fixed-shape batches so `generate` compiles once."""
     width = -(-max(len(p) for p in prompts) // _PROMPT_WIDTH_MULTIPLE) * _PROMPT_WIDTH_MULTIPLE
     batch_size = min(batch_size, len(prompts))
@@ -165,7 +162,7 @@ def _generate_all(cfg: ModelConfig, params: Params, prompts: list[list[int]], ba
         for i, ids in enumerate(rows):
             tokens[i, width - len(ids):], mask[i, width - len(ids):] = ids, True
         out = decode.generate(cfg, params, tokens, max_new_tokens, attention_mask=mask,
-                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, masks=masks)
         outputs.extend(out[:len(chunk)])
     return outputs
 
@@ -207,9 +204,10 @@ def _rate(flags: Sequence[bool]) -> float | None:
 
 # ============================================================================ perplexity, expert load
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _token_stats(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, attention_mask_BT: jax.Array):
+def _token_stats(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, attention_mask_BT: jax.Array,
+                 masks: dict | None = None):
     """Per-position NLL of the next token (B, T-1) and the routed experts of every MoE layer."""
-    logits_BTV, aux = transformer.forward(cfg, params, tokens_BT, attention_mask=attention_mask_BT,
+    logits_BTV, aux = transformer.forward(cfg, params, tokens_BT, masks, attention_mask=attention_mask_BT,
                                           capture=("routing",))
     logits_BTV = logits_BTV[:, :-1].astype(jnp.float32)
     target_BT = tokens_BT[:, 1:]
@@ -237,7 +235,7 @@ def _batch_masks(batch: Batch | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     return tokens, real, answer
 
 
-def _scan(cfg: ModelConfig, params: Params, batches: DomainBatches) -> tuple[dict, dict]:
+def _scan(cfg: ModelConfig, params: Params, batches: DomainBatches, masks: dict | None = None) -> tuple[dict, dict]:
     """One forward pass per batch gives both perplexity and expert load, per domain."""
     if not batches:
         raise ValueError("no batches to evaluate (the domain -> batches mapping is empty)")
@@ -248,7 +246,7 @@ def _scan(cfg: ModelConfig, params: Params, batches: DomainBatches) -> tuple[dic
         tokens_seen, answer_seen = 0, False
         for batch in domain_batches:
             tokens, real, answer = _batch_masks(batch)
-            nll, idx = _token_stats(cfg, params, jnp.asarray(tokens), jnp.asarray(real))
+            nll, idx = _token_stats(cfg, params, jnp.asarray(tokens), jnp.asarray(real), masks)
             nll = np.asarray(nll, np.float64)
             # A target counts when it and its predecessor are real (left padding has no context).
             _accumulate(sums["full"], nll, (real[:, 1:] & real[:, :-1]).astype(np.float64))
@@ -279,7 +277,8 @@ def _ppl(weighted_nll: float, weight: float) -> float | None:
     return float(np.exp(weighted_nll / weight)) if weight > 0 else None
 
 
-def perplexity(cfg: ModelConfig, params: Params, batches: DomainBatches) -> dict[str, dict[str, Any]]:
+def perplexity(cfg: ModelConfig, params: Params, batches: DomainBatches,
+               masks: dict | None = None) -> dict[str, dict[str, Any]]:
     """Per domain: {"full", "answer", "tokens", "answer_tokens"} = exp(masked mean next-token NLL).
 
     `batches[domain]` yields {"tokens", "loss_mask"?, "segment_ids"?, "attention_mask"?} dicts
@@ -287,7 +286,7 @@ def perplexity(cfg: ModelConfig, params: Params, batches: DomainBatches) -> dict
     with a real predecessor (real: segment_ids > 0, else attention_mask, else all); "answer"
     weighs targets by loss_mask.
     """
-    return _scan(cfg, params, batches)[0]
+    return _scan(cfg, params, batches, masks)[0]
 
 
 def expert_load(cfg: ModelConfig, params: Params, batches: DomainBatches) -> dict[str, dict[str, Any]]:
@@ -406,8 +405,11 @@ def peak_memory() -> dict[str, Any]:
 
 # ============================================================================ everything
 def evaluate(cfg: ModelConfig, params: Params, tokenizer: Tokenizer,
-             config: EvalSettings | Mapping[str, Any] | Any | None = None) -> dict[str, Any]:
-    """Run every evaluation `config` (an `EvalSettings`, ConfigDict or dict) asks for; a JSON-able dict."""
+             config: EvalSettings | Mapping[str, Any] | Any | None = None, masks: dict | None = None) -> dict[str, Any]:
+    """Run every evaluation `config` (an `EvalSettings`, ConfigDict or dict) asks for; a JSON-able dict.
+
+    `masks` simulate a pruning plan (accuracy and perplexity only: one compilation serves many
+    plans); sizes and throughput are then those of the unpruned model, so compact for those."""
     settings = EvalSettings.from_config(config)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -417,7 +419,7 @@ def evaluate(cfg: ModelConfig, params: Params, tokenizer: Tokenizer,
     if _skills_enabled(settings, tokenizer):
         examples = {d: skills.eval_set(d, settings.n_per_domain, settings.seed) for d in settings.domains}
         scored = exact_match(cfg, params, tokenizer, [ex for exs in examples.values() for ex in exs],
-                             settings.batch_size, settings.max_new_tokens)
+                             settings.batch_size, settings.max_new_tokens, masks)
         results["exact_match"], results["predictions"] = scored["per_domain"], scored["predictions"]
         rows = _rows_within_logit_budget(settings.batch_size, _SKILLS_MAX_LEN, cfg.vocab_size)
         batches.update(skills_batches(examples, tokenizer, rows))
@@ -432,7 +434,7 @@ def evaluate(cfg: ModelConfig, params: Params, tokenizer: Tokenizer,
                                             rows)
         results["data"] = settings.data
     if batches:
-        results["perplexity"], results["expert_load"] = _scan(cfg, params, batches)
+        results["perplexity"], results["expert_load"] = _scan(cfg, params, batches, masks)
     if settings.throughput:
         results["throughput"] = throughput(cfg, params, batch_size=settings.throughput_batch,
                                            prompt_len=settings.prompt_len, new_tokens=settings.decode_tokens,
@@ -485,168 +487,13 @@ def load_eval_tokenizer(spec: str, model_dir: str | os.PathLike | None, cfg: Mod
                             "pass tokenizer=<path to tokenizer.json>")
 
 
-# ============================================================================ tables and files
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def _load_imbalance(fraction: Mapping[str, Sequence[float]]) -> float | None:
-    """Mean over MoE layers of max_e load * E: 1.0 is perfectly balanced, E is one expert only."""
-    ratios = [max(f) * len(f) for f in fraction.values() if len(f)]
-    return sum(ratios) / len(ratios) if ratios else None
-
-
-def format_table(results: Mapping[str, Any]) -> str:
-    """A markdown per-domain table (exact match, safety rates, perplexities, load) plus size and speed."""
-    em, ppl, load = (results.get(k, {}) for k in ("exact_match", "perplexity", "expert_load"))
-    lines = ["| domain | n | exact match | refusal | over-refusal | ppl (answer) | ppl (full) | max load×E |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for domain in dict.fromkeys([*em, *ppl]):
-        e, p = em.get(domain, {}), ppl.get(domain, {})
-        imbalance = _load_imbalance(load[domain]["fraction"]) if domain in load else None
-        lines.append(f"| {domain} | {e.get('n', '–')} | {_fmt(e.get('exact_match'))} | "
-                     f"{_fmt(e.get('refusal_rate'))} | {_fmt(e.get('over_refusal_rate'))} | "
-                     f"{_fmt(p.get('answer'), 2)} | {_fmt(p.get('full'), 2)} | {_fmt(imbalance, 2)} |")
-    if em:
-        mean = sum(e["exact_match"] for e in em.values()) / len(em)
-        lines.append(f"| **mean** | {sum(e['n'] for e in em.values())} | {_fmt(mean)} | | | | | |")
-    size = results.get("model", {})
-    if size:
-        lines += ["", f"params: total {size['total']:,} · routed experts {size['routed_experts']:,} · "
-                      f"active/token {size['active_per_token']:,} · {size['bytes'] / 2**20:.2f} MiB"]
-    speed = results.get("throughput")
-    if speed:
-        lines.append(f"throughput (batch {speed['batch_size']}, prompt {speed['prompt_len']}): prefill "
-                     f"{_fmt(speed['prefill_tokens_per_s'], 0)} tok/s · decode "
-                     f"{_fmt(speed['decode_tokens_per_s'], 0)} tok/s · peak memory "
-                     f"{speed['memory']['peak_bytes'] / 2**20:.0f} MiB ({speed['memory']['source']})")
-    if load:
-        lines.append("max load×E: the busiest expert's share of routed slots × expert count, averaged over "
-                     "MoE layers (1 = perfectly balanced)")
-    lines += [f"skipped: {s}" for s in results.get("skipped", [])]
-    return "\n".join(lines)
-
-
-def comparison_table(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
-    """One row per run (baseline first, then each method): exact match per domain, safety, size."""
-    if not runs:
-        raise ValueError("comparison_table: no runs to compare")
-    domains = list(dict.fromkeys(d for _, r in runs for d in r.get("exact_match", {})))
-    header = ["model", *domains, "mean EM", "refusal", "over-refusal", "active params", "MiB"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    for label, r in runs:
-        em, size = r.get("exact_match", {}), r.get("model", {})
-        scores = [em[d]["exact_match"] if d in em else None for d in domains]
-        known = [s for s in scores if s is not None]
-        safety = em.get("safety", {})
-        cells = [label, *map(_fmt, scores), _fmt(sum(known) / len(known) if known else None),
-                 _fmt(safety.get("refusal_rate")), _fmt(safety.get("over_refusal_rate")),
-                 f"{size['active_per_token']:,}" if size else "–",
-                 f"{size['bytes'] / 2**20:.2f}" if size else "–"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types; NaN/inf become null (JSON has no spelling for them)."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write `data` to a temporary file beside `path`, then rename it over `path` (never half-written)."""
-    path = Path(path)
-    payload = data.encode() if isinstance(data, str) else data
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise OSError(f"cannot write {path.name} into {str(path.parent)!r}: {err.strerror or err}") from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def write_results(results: Mapping[str, Any], workdir: str | os.PathLike) -> dict[str, Path]:
-    """Write results.json, results.md and (with expert load) expert_load.png into `workdir`, atomically.
-
-    Everything is rendered before anything is written, so a failure leaves earlier files as
-    they were. Returns {kind: path}.
-    """
-    if not isinstance(results, Mapping):
-        raise TypeError(f"write_results: results must be a mapping, got {type(results).__name__}")
-    workdir = Path(workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OSError(f"cannot create the results directory {str(workdir)!r}: {err.strerror or err}") from err
-    as_json = json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n"
-    source = f"Model: {results['model_path']}\n\n" if results.get("model_path") else ""
-    as_markdown = f"# Evaluation results\n\n{source}{format_table(results)}\n"
-    png = render_expert_load(results["expert_load"]) if results.get("expert_load") else None
-    paths = {"json": atomic_write(workdir / "results.json", as_json),
-             "markdown": atomic_write(workdir / "results.md", as_markdown)}
-    if png is not None:
-        paths["expert_load"] = atomic_write(workdir / "expert_load.png", png)
-    return paths
-
-
-def render_expert_load(load: Mapping[str, Mapping[str, Any]]) -> bytes:
-    """PNG heatmap, one panel per domain: MoE layers (rows) × experts (columns), colour = load fraction.
-
-    Layers with fewer experts (after pruning) leave their extra columns blank. Uses the Agg
-    canvas directly, so it never changes the caller's matplotlib backend.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not load:
-        raise ValueError("render_expert_load: no domains to draw")
-    grids = {}
-    for domain, entry in load.items():
-        fractions = list(entry["fraction"].values())
-        grid = np.full((len(fractions), max((len(f) for f in fractions), default=1)), np.nan)
-        for row, f in enumerate(fractions):
-            grid[row, :len(f)] = f
-        grids[domain] = (list(entry["fraction"]), grid)
-    vmax = max(float(np.nanmax(g)) if np.isfinite(g).any() else 0.0 for _, g in grids.values()) or 1.0
-    fig = Figure(figsize=(3.2 * len(grids) + 1, 0.35 * max(len(n) for n, _ in grids.values()) + 2.2),
-                 layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(grids), squeeze=False)[0]
-    image = None
-    for ax, (domain, (names, grid)) in zip(axes, grids.items()):
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
-        ax.set_title(domain)
-        ax.set_xlabel("expert")
-        ax.set_yticks(range(len(names)), [n.removeprefix("layer_") for n in names])
-    axes[0].set_ylabel("MoE layer")
-    fig.colorbar(image, ax=list(axes), label="fraction of routed slots")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
-
-
-def plot_expert_load(load: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Write `render_expert_load(load)` to `path` atomically."""
-    return atomic_write(path, render_expert_load(load))
+# Tables and files live in moe_jax.reporting; these names stay importable from here.
+from moe_jax.reporting import (  # noqa: E402, F401
+    _jsonable,
+    atomic_write,
+    comparison_table,
+    format_table,
+    plot_expert_load,
+    render_expert_load,
+    write_results,
+)

@@ -24,14 +24,12 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,15 +37,23 @@ import numpy as np
 import optax
 
 from moe_jax import hf, model
+from moe_jax.checkpoint import (  # noqa: F401  (re-exported: the trainer's public surface)
+    MetricsLog,
+    TrainError,
+    TrainState,
+    _check_workdir,
+    _write_atomic,
+    checkpoint_manager,
+    param_shapes,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from moe_jax.config import ModelConfig
-from moe_jax.data import pipeline, skills
+from moe_jax.data import skills
 from moe_jax.data.tokenizer import ByteTokenizer, Tokenizer
+from moe_jax.data.training_rows import SkillsData, batch_at, batch_indices, data_fingerprint, data_position, load_skills  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-class TrainError(ValueError):
-    """A config value, workdir or checkpoint the trainer cannot use; the message names it."""
-
 
 # ============================================================================== config
 def default_config() -> ml_collections.ConfigDict:
@@ -197,19 +203,6 @@ def make_optimizer(config: ml_collections.ConfigDict | StepSettings) -> optax.Gr
     )
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training; with the step it fixes all that follows."""
-
-    params: Any
-    opt_state: Any
-    step: jax.Array  # int32 scalar: optimizer updates applied so far
-    rng: jax.Array  # uint32[2] PRNG key (the loop folds in the step; nothing stochastic uses it yet)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"params": self.params, "opt_state": self.opt_state, "step": self.step, "rng": self.rng}
-
-
 def init_state(cfg: ModelConfig, config: ml_collections.ConfigDict) -> TrainState:
     """Fresh params from ``config.seed`` and their optimizer state, at step 0."""
     rng = jax.random.PRNGKey(config.seed)
@@ -249,27 +242,21 @@ def masked_cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_B
     return jnp.sum(ce_BT * weights_BT, axis=-1), jnp.sum(weights_BT, axis=-1)
 
 
-def segment_positions(segment_ids_BT: np.ndarray) -> np.ndarray:
-    """Position of each token inside its packed example (0 at the example's first token)."""
-    T = segment_ids_BT.shape[1]
-    index_BT = np.broadcast_to(np.arange(T, dtype=np.int32), segment_ids_BT.shape)
-    starts_BT = np.concatenate([np.ones_like(segment_ids_BT[:, :1], bool),
-                                segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
-    start_index_BT = np.maximum.accumulate(np.where(starts_BT, index_BT, 0), axis=1)
-    return (index_BT - start_index_BT).astype(np.int32)
-
-
 def _shifted(batch):
-    """Row t predicts token t+1 (the pipeline's convention); a token is real if its segment id > 0."""
-    tokens_BT = batch["tokens"]
-    return (tokens_BT[:, :-1], tokens_BT[:, 1:], batch["loss_mask"][:, 1:], batch["segment_ids"][:, :-1] > 0,
-            batch["positions"][:, :-1])
+    """Row t predicts token t+1 (the pipeline's convention); a token is real if its segment id > 0.
+
+    Packed rows attend within their segment and restart positions there (`model.forward`'s
+    segment_ids), so packing changes the batch shape, not what each example sees.
+    """
+    tokens_BT, segment_ids_BT = batch["tokens"], batch["segment_ids"]
+    return (tokens_BT[:, :-1], tokens_BT[:, 1:], batch["loss_mask"][:, 1:], segment_ids_BT[:, :-1] > 0,
+            segment_ids_BT[:, :-1])
 
 
 def loss_fn(params, cfg: ModelConfig, batch, *, aux_coef: float, z_coef: float, impl: str = "auto"):
     """Total loss = CE + aux_coef * balance + z_coef * z, the router terms averaged over MoE layers."""
-    inputs_BT, targets_BT, weights_BT, valid_BT, positions_BT = _shifted(batch)
-    logits_BTV, aux = model.forward(cfg, params, inputs_BT, positions=positions_BT, capture=("routing",),
+    inputs_BT, targets_BT, weights_BT, valid_BT, segment_ids_BT = _shifted(batch)
+    logits_BTV, aux = model.forward(cfg, params, inputs_BT, segment_ids=segment_ids_BT, capture=("routing",),
                                     impl=impl)
     ce_sum_B, weight_B = masked_cross_entropy(logits_BTV, targets_BT, weights_BT)
     ce = ce_sum_B.sum() / jnp.maximum(weight_B.sum(), 1.0)
@@ -301,90 +288,13 @@ def make_train_step(cfg: ModelConfig, config: ml_collections.ConfigDict) -> Call
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"))
 def eval_step(params, batch, *, cfg: ModelConfig, impl: str = "auto"):
     """Per-row masked CE ``(ce_sum_B, weight_B)``, so callers can average per domain."""
-    inputs_BT, targets_BT, weights_BT, _, positions_BT = _shifted(batch)
-    logits_BTV = model.forward(cfg, params, inputs_BT, positions=positions_BT, impl=impl)
+    inputs_BT, targets_BT, weights_BT, _, segment_ids_BT = _shifted(batch)
+    logits_BTV = model.forward(cfg, params, inputs_BT, segment_ids=segment_ids_BT, impl=impl)
     return masked_cross_entropy(logits_BTV, targets_BT, weights_BT)
 
 
 def make_eval_step(cfg: ModelConfig, impl: str = "auto") -> Callable:
     return functools.partial(eval_step, cfg=cfg, impl=impl)
-
-
-# ============================================================================== data
-@dataclasses.dataclass(frozen=True)
-class SkillsData:
-    """Encoded skills rows: the training mixture, and held-out rows (answer-only loss mask) with
-    the domain of each row."""
-
-    train: dict[str, np.ndarray]
-    eval: dict[str, np.ndarray]
-    eval_domain: np.ndarray  # (N_eval,) domain name of each eval row
-
-
-def load_skills(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> SkillsData:
-    """Encode the training mixture and the held-out sets of ``config.data`` (rows + positions)."""
-    d = config.data
-    train_examples = []
-    for domain, n in d.examples_per_domain.items():
-        train_examples += skills.generate(domain, "train", int(n), d.seed)
-    # Shuffle before packing so rows mix domains; the loop reshuffles rows every epoch.
-    order = np.random.default_rng([d.seed, 12345]).permutation(len(train_examples))
-    train_examples = [train_examples[i] for i in order]
-    eval_examples = {dom: skills.eval_set(dom, d.eval_examples_per_domain, d.seed) for dom in skills.DOMAINS}
-
-    def encode(examples, prompt_weight):
-        try:
-            rows = pipeline.encode_examples(examples, tokenizer, d.seq_len, prompt_weight=prompt_weight,
-                                            pack=d.pack)
-        except ValueError as err:
-            raise TrainError(f"config.data.seq_len={d.seq_len}: {err}") from err
-        return dict(rows, positions=segment_positions(rows["segment_ids"]))
-
-    # Held-out loss is on answers only, whatever the training mask, so runs compare.
-    per_domain = {dom: encode(exs, 0.0) for dom, exs in eval_examples.items() if exs}
-    keys = next(iter(per_domain.values()))
-    eval_rows = {k: np.concatenate([rows[k] for rows in per_domain.values()]) for k in keys}
-    eval_domain = np.concatenate([[dom] * len(rows["tokens"]) for dom, rows in per_domain.items()])
-    return SkillsData(encode(train_examples, d.prompt_weight), eval_rows, eval_domain)
-
-
-def batch_indices(step: int, num_rows: int, batch_size: int, seed: int) -> np.ndarray:
-    """Row indices of the batch at `step`: epoch-wise permutations seeded by (seed, epoch).
-
-    The same order as ``pipeline.batches(rows, batch_size, seed, epochs=None)``, but addressed
-    by step, so resuming needs no iterator state.
-    """
-    epoch, index = data_position(step, num_rows, batch_size)
-    order = _permutation(seed, epoch, num_rows)
-    return order[index * batch_size:(index + 1) * batch_size]
-
-
-@functools.lru_cache(maxsize=4)
-def _permutation(seed: int, epoch: int, num_rows: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_rows)
-
-
-def data_position(step: int, num_rows: int, batch_size: int) -> tuple[int, int]:
-    """(epoch, batch within epoch) that `step` reads; an incomplete last batch is skipped."""
-    per_epoch = num_rows // batch_size
-    if per_epoch == 0:
-        raise TrainError(f"config.batch_size={batch_size} is larger than the {num_rows} training rows")
-    return divmod(int(step), per_epoch)
-
-
-def data_fingerprint(rows: Mapping[str, np.ndarray], batch_size: int, seed: int) -> str:
-    """A short hash of the training rows and batch order: a resume must see the same ones."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(f"{batch_size}|{seed}|".encode())
-    for key in sorted(rows):
-        h.update(key.encode())
-        h.update(np.ascontiguousarray(rows[key]).tobytes())
-    return h.hexdigest()
-
-
-def batch_at(rows: Mapping[str, np.ndarray], step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-    idx = batch_indices(step, len(rows["tokens"]), batch_size, seed)
-    return {k: v[idx] for k, v in rows.items()}
 
 
 # ============================================================================== evaluation
@@ -430,135 +340,6 @@ def skills_accuracy(cfg: ModelConfig, params, examples: Mapping[str, Sequence[sk
         if safety.get(key) is not None:
             results[f"refusal/{name}"] = float(safety[key])
     return results
-
-
-# ============================================================================== files
-def _check_workdir(workdir: Path) -> None:
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-") as probe:
-            probe.write(b"ok")
-    except OSError as err:
-        raise TrainError(f"workdir {str(workdir)!r} is not a writable directory: {err}") from err
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path` and rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _summary_writer_class():
-    """tensorboardX.SummaryWriter, imported without torch when torch is not loaded yet:
-    tensorboardX tries an optional ``import torch`` that costs ~10 s and is not needed here."""
-    if "torch" in sys.modules or "tensorboardX" in sys.modules:
-        from tensorboardX import SummaryWriter
-        return SummaryWriter
-    sys.modules["torch"] = None  # makes the optional import fail at once
-    try:
-        from tensorboardX import SummaryWriter
-    finally:
-        del sys.modules["torch"]
-    return SummaryWriter
-
-
-def _step_of(line: str) -> float:
-    """Step of a metrics.jsonl line; a line cut short by a kill counts as past every checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-class MetricsLog:
-    """Appends one JSON line per record to metrics.jsonl and mirrors scalars to TensorBoard."""
-
-    def __init__(self, workdir: Path, resume_step: int):
-        self.path = workdir / "metrics.jsonl"
-        if self.path.exists():  # drop records past the checkpoint we resume from: they are redone
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
-            _write_atomic(self.path, "".join(line + "\n" for line in kept))
-        purge = resume_step + 1 if resume_step else None
-        self.tb = _summary_writer_class()(str(workdir / "tb"), purge_step=purge)
-
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        for key, value in metrics.items():
-            self.tb.add_scalar(key, float(value), int(step))
-
-    def close(self) -> None:
-        self.tb.close()
-
-
-# ============================================================================== checkpoints
-def checkpoint_manager(workdir: Path, keep: int):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
-                                 item_names=("state", "meta"))
-
-
-def save_checkpoint(manager, state: TrainState, meta: dict[str, Any]) -> None:
-    import orbax.checkpoint as ocp
-
-    step = int(state.step)
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state.as_dict()),
-                                                 meta=ocp.args.JsonSave(meta)), force=True)
-    manager.wait_until_finished()
-
-
-def param_shapes(params) -> dict[str, list[int]]:
-    """{"layer_0/attn/q_proj/kernel": [D, H*hd], ...}: what a checkpoint must match to be restored."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): list(x.shape) for path, x in leaves}
-
-
-def restore_checkpoint(manager, step: int, target: TrainState) -> tuple[TrainState, dict]:
-    """The state saved at `step` (structure and shapes from `target`); errors name the path."""
-    import orbax.checkpoint as ocp
-
-    path = Path(manager.directory) / str(step)
-
-    def unreadable(err: Exception) -> TrainError:
-        return TrainError(f"checkpoint {path} is corrupted or incompatible and cannot be restored "
-                          f"({type(err).__name__}: {str(err)[:300]}); delete it to resume from an earlier "
-                          f"one, or use a fresh workdir")
-
-    try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {}
-    except Exception as err:  # orbax/tensorstore raise many types; all mean "unreadable"
-        raise unreadable(err) from err
-    saved, expected = meta.get("param_shapes"), param_shapes(target.params)
-    if saved is not None and saved != expected:
-        key = next(k for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k))
-        raise TrainError(f"checkpoint {path} holds params of other shapes than config.model describes "
-                         f"(first difference: {key}: checkpoint {saved.get(key)}, "
-                         f"config {expected.get(key)}); "
-                         f"use a fresh workdir or the config it was trained with")
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target.as_dict())
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    except Exception as err:
-        raise unreadable(err) from err
-    # Through host memory: orbax returns device-committed arrays, which would make jit compile
-    # the train step again for what is the same computation as on freshly initialised arrays.
-    s = jax.tree_util.tree_map(jnp.asarray, jax.device_get(restored["state"]))
-    state = TrainState(s["params"], s["opt_state"], jnp.asarray(s["step"], jnp.int32), s["rng"])
-    if int(state.step) != step:
-        raise TrainError(f"checkpoint {path} holds step {int(state.step)}, not {step}")
-    return state, meta
 
 
 # ============================================================================== the loop

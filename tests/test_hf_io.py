@@ -1,7 +1,7 @@
 """moe_jax.hf against transformers: tiny random models of the six families.
 
 The oracle is torch's own in-memory state dict, mapped to our tree by a small table written
-here independently of hf.py, and transformers' own loader for what we write.
+here independently of moe_jax.hf, and transformers' own loader for what we write.
 """
 
 from __future__ import annotations
@@ -521,7 +521,9 @@ def test_crash_mid_write_leaves_nothing(checkpoints, tmp_path, monkeypatch):
             raise OSError("disk full")
         return save_file(*args, **kwargs)
 
-    monkeypatch.setattr(hf, "save_file", failing_save)
+    import moe_jax.hf.save
+
+    monkeypatch.setattr(moe_jax.hf.save, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         hf.save_pretrained(cfg, params, tmp_path / "out", max_shard_bytes=8 * 1024)
     assert _entries(tmp_path) == []

@@ -197,3 +197,38 @@ def test_config_json_round_trip_and_hash():
     assert not cfg.is_uniform
     stored, useful = cfg.padded_expert_params(1)
     assert useful == sum(cfg.expert_widths[1]) and stored == useful  # 3 widths, 3 buckets: no padding
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
+def test_packed_segments_equal_each_example_alone(family):
+    """A packed row (segment_ids) gives every example the logits it gets on its own row."""
+    cfg = tiny_config(family)
+    params = _random_params(cfg)
+    lengths = [5, 3, 4]
+    examples = [_tokens(cfg, (1, n), seed=i)[0] for i, n in enumerate(lengths)]
+    T = sum(lengths) + 2  # two padding slots at the end
+    packed = np.zeros((1, T), np.int32)
+    segment_ids = np.zeros((1, T), np.int32)
+    start = 0
+    for k, ex in enumerate(examples, start=1):
+        packed[0, start:start + len(ex)] = ex
+        segment_ids[0, start:start + len(ex)] = k
+        start += len(ex)
+    got = np.asarray(forward(cfg, params, packed, segment_ids=segment_ids))
+    start = 0
+    for ex in examples:
+        alone = np.asarray(forward(cfg, params, ex[None]))[0]
+        np.testing.assert_allclose(got[0, start:start + len(ex)], alone, atol=1e-5)
+        start += len(ex)
+    # Without the segments the later examples would see the earlier ones.
+    unmasked = np.asarray(forward(cfg, params, packed))
+    assert np.abs(unmasked[0, lengths[0]:sum(lengths)] - got[0, lengths[0]:sum(lengths)]).max() > 1e-3
+    with pytest.raises(ValueError, match="segment_ids shape"):
+        forward(cfg, params, packed, segment_ids=segment_ids[:, :-1])
+
+
+def test_segment_positions_restart_at_each_packed_example():
+    from moe_jax.model.transformer import segment_positions
+
+    seg = np.array([[1, 1, 1, 2, 2, 3, 0, 0]])
+    np.testing.assert_array_equal(segment_positions(jnp.asarray(seg)), [[0, 1, 2, 0, 1, 0, 0, 1]])

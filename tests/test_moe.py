@@ -379,3 +379,18 @@ def test_expert_weight_roundtrip_in_oracle_inputs():
     for e in range(8):
         got = expert_weight(cfg, full, 0, e)
         np.testing.assert_allclose(np.asarray(got["down"]), per_expert[e]["down"], rtol=1e-6)
+
+
+def test_stats_count_only_valid_tokens():
+    """token_valid_T drops padding from the statistics: equal to the oracle on the valid tokens alone."""
+    cfg, per_expert, params, x, idx, w, mask, seq = _expert_case("mask_ef")
+    valid = np.random.default_rng(3).uniform(size=len(x)) > 0.4
+    _, st_ref = experts_oracle(cfg, per_expert, x[valid], idx[valid], w[valid], mask, None)
+    for impl in IMPLS:
+        fn = functools.partial(moe.experts_forward, cfg, 0, impl=impl, collect_stats=True)
+        y, st = jit(lambda p, x, i, w, m, v, fn=fn: fn(p, x, (i, w), dims_mask=m, token_valid_T=v))(
+            params, x, idx, w, mask, valid)
+        y_all, _ = _run(cfg, impl, params, x, idx, w, mask, None)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y_all), atol=1e-6)  # outputs untouched
+        for k in moe.STAT_KEYS:
+            np.testing.assert_allclose(np.asarray(st[k]), st_ref[k], rtol=1e-5, atol=1e-5, err_msg=f"{impl} {k}")

@@ -103,11 +103,6 @@ def test_batches_are_addressed_by_step_in_pipeline_order():
     assert train.data_position(9, 23, 5) == (2, 1)  # 4 full batches per epoch
 
 
-def test_segment_positions_restart_at_each_packed_example():
-    seg = np.array([[1, 1, 1, 2, 2, 3, 0, 0]])
-    np.testing.assert_array_equal(train.segment_positions(seg), [[0, 1, 2, 0, 1, 0, 0, 1]])
-
-
 def test_skills_accuracy_reports_exact_match_and_refusal_rates(monkeypatch):
     from moe_jax import evaluation
 

@@ -126,7 +126,9 @@ def attend(q_BTHd, k_BSKd, v_BSKe, q_slot_T, key_valid_BS, scale: float, window:
     allowed = k_slot[None, :] <= q_slot_T[:, None]
     if window:
         allowed &= k_slot[None, :] > q_slot_T[:, None] - window
-    allowed = allowed[None] & key_valid_BS[:, None, :]  # (B, T, S)
+    # key_valid is (B, S) validity (padding) or a full (B, T, S) mask (packed segments).
+    key_valid_BTS = key_valid_BS if key_valid_BS.ndim == 3 else key_valid_BS[:, None, :]
+    allowed = allowed[None] & key_valid_BTS  # (B, T, S)
     logits = jnp.where(allowed[:, None, None], logits, -jnp.inf)
     # A row with no allowed key (a padding query) would be NaN; give it a harmless uniform row.
     logits = jnp.where(allowed.any(-1)[:, None, None, :, None], logits, 0.0)

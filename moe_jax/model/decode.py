@@ -55,7 +55,7 @@ def _sample(logits_BV, rng, temperature: float, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_p", "impl"))
-def _generate(cfg, params, tokens_BP, mask_BP, rng, eos_id, pad_id, *, max_new_tokens, temperature, top_p,
+def _generate(cfg, params, tokens_BP, mask_BP, rng, eos_id, pad_id, masks, *, max_new_tokens, temperature, top_p,
               impl):
     B, P = tokens_BP.shape
     S = P + max_new_tokens
@@ -64,7 +64,7 @@ def _generate(cfg, params, tokens_BP, mask_BP, rng, eos_id, pad_id, *, max_new_t
     key_valid = jnp.concatenate([mask_BP, jnp.ones((B, max_new_tokens), bool)], axis=1)
     positions = default_positions(mask_BP)
     logits, cache, _ = apply(cfg, params, tokens_BP, positions, jnp.arange(P), key_valid, cache=cache,
-                             index=0, impl=impl)
+                             index=0, masks=masks, impl=impl)
     next_pos = positions[:, -1] + 1
     rng, sub = jax.random.split(rng)
     first = _sample(logits[:, -1], sub, temperature, top_p)
@@ -79,7 +79,7 @@ def _generate(cfg, params, tokens_BP, mask_BP, rng, eos_id, pad_id, *, max_new_t
         step, out, cache, done, rng, pos = state
         token = out[:, step - 1]
         logits, cache, _ = apply(cfg, params, token[:, None], pos[:, None], (P + step - 1)[None], key_valid,
-                                 cache=cache, index=P + step - 1, impl=impl)
+                                 cache=cache, index=P + step - 1, masks=masks, impl=impl)
         rng, sub = jax.random.split(rng)
         nxt = _sample(logits[:, -1], sub, temperature, top_p)
         nxt = jnp.where(done, pad_id, nxt)
@@ -92,12 +92,13 @@ def _generate(cfg, params, tokens_BP, mask_BP, rng, eos_id, pad_id, *, max_new_t
 
 def generate(cfg: ModelConfig, params: dict, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0,
              top_p: float = 1.0, rng: jax.Array | None = None, eos_id: int | None = None, pad_id: int = 0,
-             attention_mask=None, impl: str = "auto") -> np.ndarray:
+             attention_mask=None, masks: dict | None = None, impl: str = "auto") -> np.ndarray:
     """Generate `max_new_tokens` after each prompt; returns (B, max_new_tokens) int32.
 
     prompts: a list of token lists (any lengths), or a (B, P) array with `attention_mask`
     marking real tokens (left padding). Greedy when temperature == 0, otherwise temperature +
     top-p sampling from `rng`. After a row emits `eos_id` the rest of the row is `pad_id`.
+    masks: pruning masks as in `forward` (simulate a plan without recompiling per plan).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -114,6 +115,6 @@ def generate(cfg: ModelConfig, params: dict, prompts, max_new_tokens: int = 32, 
         rng = jax.random.PRNGKey(0)
     eos = -1 if eos_id is None else int(eos_id)
     out = _generate(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), rng, jnp.int32(eos), jnp.int32(pad_id),
-                    max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                    masks, max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
                     impl=impl)
     return np.asarray(out)

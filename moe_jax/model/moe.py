@@ -142,6 +142,7 @@ class _Rows(NamedTuple):
     tok_R: jax.Array
     exp_R: jax.Array
     w_R: jax.Array
+    v_R: jax.Array  # 1 where the row's token counts in the statistics, 0 for padding
 
 
 def experts_forward(
@@ -155,6 +156,7 @@ def experts_forward(
     seq_id_T: jax.Array | None = None,
     impl: str = "auto",
     collect_stats: bool = False,
+    token_valid_T: jax.Array | None = None,
     block_rows: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Dropless routed experts of one layer; returns (y_TD float32, stats).
@@ -172,6 +174,7 @@ def experts_forward(
         act_abs_sum, act_weighted_abs_sum (E, F_max) of |h| and w*|h| (h after the dims mask),
         count (E,), out_norm_sum, weighted_out_norm_sum (E,) of ||f_e(x)|| and w*||f_e(x)||.
         Otherwise stats is {}. Stats carry no gradient.
+      token_valid_T: (T,) which tokens the stats count (padding excluded); default all.
       block_rows: rows per block of "blocked" (default: `block_rows_for`).
 
     "blocked" has a hand-written backward pass, so it supports reverse mode (grad, vjp) but
@@ -192,10 +195,14 @@ def experts_forward(
     if impl == "auto":
         impl = "blocked"
 
+    valid_T = jnp.ones(T, _F32) if token_valid_T is None else jnp.asarray(token_valid_T).astype(_F32)
+    if valid_T.shape != (T,):
+        raise ValueError(f"experts_forward: token_valid_T has shape {valid_T.shape}, expected ({T},)")
     if impl == "dense":
-        return _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, collect_stats)
+        return _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, collect_stats, valid_T)
     K = idx_TK.shape[1]
-    rows = _Rows(jnp.repeat(jnp.arange(T, dtype=jnp.int32), K), idx_TK.reshape(-1), weights_TK.reshape(-1))
+    tok_R = jnp.repeat(jnp.arange(T, dtype=jnp.int32), K)
+    rows = _Rows(tok_R, idx_TK.reshape(-1), weights_TK.reshape(-1), valid_T[tok_R])
     if impl == "blocked":
         B = block_rows_for(T, K, info.E) if block_rows is None else int(block_rows)
         if B < 1:
@@ -273,8 +280,8 @@ def _ffn(x_ND, gate_DF, up_DF, down_FD, mask_NF):
 def _row_stats(info: _Layer, rows: _Rows, out_RD, act_abs_EF, act_wabs_EF):
     """Per-expert sums over the routed rows (row outputs give the norms)."""
     norm_R = jnp.linalg.norm(out_RD, axis=-1)
-    w_R = rows.w_R.astype(_F32)
-    per_expert = lambda v_R: jax.ops.segment_sum(v_R, rows.exp_R, num_segments=info.E)
+    w_R, v_R = rows.w_R.astype(_F32), rows.v_R
+    per_expert = lambda a_R: jax.ops.segment_sum(a_R * v_R, rows.exp_R, num_segments=info.E)
     return jax.lax.stop_gradient({
         "act_abs_sum": act_abs_EF,
         "act_weighted_abs_sum": act_wabs_EF,
@@ -285,7 +292,7 @@ def _row_stats(info: _Layer, rows: _Rows, out_RD, act_abs_EF, act_wabs_EF):
 
 
 # ----------------------------------------------------------------------------- dense reference
-def _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, collect_stats):
+def _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, collect_stats, valid_T):
     T, D = x_TD.shape
     onehot_TKE = jax.nn.one_hot(idx_TK, info.E, dtype=_F32)
     sel_TE = onehot_TKE.sum(1)
@@ -303,13 +310,14 @@ def _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, colle
             x_TD, w["gate"], w["up"], w["down"], m)
         y_TD = y_TD + jnp.einsum("te,etd->td", comb_TE[:, ids], out_ETD, precision=_EXACT)
         if collect_stats:
-            a_ETF = jnp.abs(h_ETF)
+            a_ETF = jnp.abs(h_ETF) * valid_T[None, :, None]
             act_abs = act_abs.at[ids, :F].set(jnp.einsum("te,etf->ef", sel_TE[:, ids], a_ETF, precision=_EXACT))
             act_wabs = act_wabs.at[ids, :F].set(jnp.einsum("te,etf->ef", comb_TE[:, ids], a_ETF,
                                                            precision=_EXACT))
             norm_TE = norm_TE.at[:, ids].set(jnp.linalg.norm(out_ETD, axis=-1).T)
     if not collect_stats:
         return y_TD, {}
+    sel_TE, comb_TE = sel_TE * valid_T[:, None], comb_TE * valid_T[:, None]
     return y_TD, jax.lax.stop_gradient({
         "act_abs_sum": act_abs,
         "act_weighted_abs_sum": act_wabs,
@@ -350,12 +358,12 @@ def _row_mask(mask_b, seq_N, local_N):
     return mask_b[local_N] if mask_b.ndim == 2 else mask_b[seq_N, local_N]
 
 
-def _act_sums(h_NF, w_N, local_N, valid_N, n_experts, collect_stats):
-    """(sum |h|, sum w*|h|) per local expert over the valid rows, or None."""
+def _act_sums(h_NF, w_N, v_N, local_N, valid_N, n_experts, collect_stats):
+    """(sum |h|, sum w*|h|) per local expert over the bucket's rows, weighted by v (padding 0), or None."""
     if not collect_stats:
         return None
     seg_N = jnp.where(valid_N, local_N, n_experts)
-    a_NF = jnp.abs(h_NF)
+    a_NF = jnp.abs(h_NF) * v_N[:, None]
     total = lambda v: jax.ops.segment_sum(v, seg_N, num_segments=n_experts + 1)[:-1]
     return total(a_NF), total(a_NF * w_N.astype(_F32)[:, None])
 
@@ -368,7 +376,7 @@ def _gather_bucket(w, x_TD, rows, in_b_R, local_R, mask_b, seq_id_T, collect_sta
     h_RF, out_RD = jax.vmap(_ffn)(x_TD[rows.tok_R][:, None], w["gate"][local_R], w["up"][local_R],
                                   w["down"][local_R], m[:, None])
     h_RF, out_RD = h_RF[:, 0], out_RD[:, 0]
-    return out_RD, _act_sums(h_RF, rows.w_R, local_R, in_b_R, w["gate"].shape[0], collect_stats)
+    return out_RD, _act_sums(h_RF, rows.w_R, rows.v_R, local_R, in_b_R, w["gate"].shape[0], collect_stats)
 
 
 def _ragged_bucket(w, x_TD, rows, in_b_R, local_R, mask_b, seq_id_T, collect_stats):
@@ -387,7 +395,8 @@ def _ragged_bucket(w, x_TD, rows, in_b_R, local_R, mask_b, seq_id_T, collect_sta
     out_SD = jax.lax.ragged_dot(h_SF.astype(dt), w["down"], sizes, preferred_element_type=_F32)
     out_SD = out_SD * in_b_R[perm][:, None]
     out_RD = jnp.zeros_like(out_SD).at[perm].set(out_SD, unique_indices=True)
-    return out_RD, _act_sums(h_SF, rows.w_R[perm], local_R[perm], in_b_R[perm], n, collect_stats)
+    return out_RD, _act_sums(h_SF, rows.w_R[perm], rows.v_R[perm], local_R[perm], in_b_R[perm], n,
+                             collect_stats)
 
 
 # ------------------------------------------------------------------------------------- blocked
@@ -418,7 +427,9 @@ def _blocked(info, experts_params, x_TD, rows, mask, seq_id_T, collect_stats, B)
 
     x_NBD = jnp.where(filled_S[:, None], x_TD[rows.tok_R[src_S]], 0).reshape(NB, B, D)
     seq_NB = None if mask is None or mask.ndim == 2 else seq_id_T[rows.tok_R[src_S]].reshape(NB, B)
-    w_NB = jnp.where(filled_S, rows.w_R.astype(_F32)[src_S], 0.0).reshape(NB, B) if collect_stats else None
+    # Stats weights of each slot: (validity, gate weight * validity); empty slots count nothing.
+    w_NB = (jnp.where(filled_S[:, None], jnp.stack([rows.v_R, rows.w_R.astype(_F32) * rows.v_R], 1)[src_S], 0.0)
+            .reshape(NB, B, 2) if collect_stats else None)
     spans_P2 = jnp.stack([blk_end_P - blocks_P, blk_end_P], axis=1).astype(jnp.int32)  # [first, end) block
     plans, p0 = [], 0
     for bucket in info.buckets:  # per bucket: its experts' spans, the busy ones first, how many are busy
@@ -503,7 +514,7 @@ def _bucket_forward(gate, up, down, mask_b, plan, x_NBD, seq_NB, w_NB, out_NBD, 
             h_BF, out_BD = _ffn(x_NBD[i], gate_DF, up_DF, down_FD, _rows_mask(mask_b, j, seq_NB, i))
             if collect_stats:
                 a_BF = jnp.abs(h_BF)
-                abs_F, wabs_F = abs_F + a_BF.sum(0), wabs_F + (a_BF * w_NB[i][:, None]).sum(0)
+                abs_F, wabs_F = abs_F + (a_BF * w_NB[i][:, :1]).sum(0), wabs_F + (a_BF * w_NB[i][:, 1:]).sum(0)
             return out_NBD.at[i].set(out_BD), abs_F, wabs_F
 
         out_NBD, abs_F, wabs_F = jax.lax.fori_loop(spans_E2[j, 0], spans_E2[j, 1], block,

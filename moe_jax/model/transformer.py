@@ -81,7 +81,7 @@ class MoEBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BTD, layer_masks, capture: tuple[str, ...], impl: str):
+    def __call__(self, x_BTD, layer_masks, capture: tuple[str, ...], impl: str, token_valid_BT=None):
         cfg, layer, dt = self.cfg, self.layer, self.dtype
         B, T, D = x_BTD.shape
         E = cfg.experts_per_layer[layer]
@@ -98,6 +98,7 @@ class MoEBlock(nn.Module):
             cfg, layer, experts, x_TD, routing,
             dims_mask=layer_masks.get("dims"), seq_id_T=seq_id_T,
             impl=impl, collect_stats="activations" in capture,
+            token_valid_T=None if token_valid_BT is None else token_valid_BT.reshape(B * T),
         )
         y_BTD = y_TD.reshape(B, T, D).astype(x_BTD.dtype)
         if cfg.shared_expert_width:
@@ -122,7 +123,8 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, q_slot_T, key_valid_BS, cache, index, layer_masks, capture, impl):
+    def __call__(self, x, cos, sin, q_slot_T, key_valid_BS, cache, index, layer_masks, capture, impl,
+                 token_valid_BT=None):
         cfg, dt = self.cfg, self.dtype
         attn_cls = MLAttention if cfg.is_mla else GQAttention
         h = RMSNorm(cfg.rms_norm_eps, dt, name="input_norm")(x)
@@ -133,7 +135,7 @@ class DecoderLayer(nn.Module):
         if cfg.layer_kinds[self.layer] == "dense":
             y = MLP(cfg.dense_intermediate_size, dt, name="mlp")(h)
         else:
-            y, aux = MoEBlock(cfg, self.layer, dt, name="moe")(h, layer_masks, capture, impl)
+            y, aux = MoEBlock(cfg, self.layer, dt, name="moe")(h, layer_masks, capture, impl, token_valid_BT)
         return x + y, cache, aux
 
 
@@ -143,7 +145,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, q_slot_T, key_valid_BS, cache=None, index=0, masks=None,
-                 capture=(), impl="auto"):
+                 capture=(), impl="auto", token_valid_BT=None):
         cfg, dt = self.cfg, self.dtype
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=dt, dtype=dt,
                          embedding_init=_INIT, name="embed")
@@ -155,7 +157,8 @@ class Transformer(nn.Module):
             name = cfg.layer_name(i)
             layer_cache = None if cache is None else cache[name]
             x, layer_cache, layer_aux = DecoderLayer(cfg, i, dt, name=name)(
-                x, cos, sin, q_slot_T, key_valid_BS, layer_cache, index, masks.get(name), capture, impl)
+                x, cos, sin, q_slot_T, key_valid_BS, layer_cache, index, masks.get(name), capture, impl,
+                token_valid_BT)
             if cache is not None:
                 new_cache[name] = layer_cache
             if layer_aux:
@@ -238,42 +241,71 @@ def _param_dtype(params) -> Any:
 
 
 def apply(cfg: ModelConfig, params: dict, tokens_BT, positions_BT, q_slot_T, key_valid_BS, *, cache=None,
-          index=0, masks=None, capture: Sequence[str] = (), impl: str = "auto"):
-    """Low-level call of the Linen module (no jit): returns (logits, cache, aux)."""
+          index=0, masks=None, capture: Sequence[str] = (), impl: str = "auto", token_valid_BT=None):
+    """Low-level call of the Linen module (no jit): returns (logits, cache, aux).
+
+    token_valid_BT: which tokens the "activations" statistics count (default: all)."""
     unknown = set(capture) - set(CAPTURES)
     if unknown:
         raise ValueError(f"capture={tuple(capture)}: unknown item(s) {sorted(unknown)}; expected {CAPTURES}")
     module = Transformer(cfg, _param_dtype(params))
     return module.apply({"params": params}, tokens_BT, positions_BT, q_slot_T, key_valid_BS, cache, index,
-                        masks, tuple(capture), impl)
+                        masks, tuple(capture), impl, token_valid_BT)
+
+
+def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
+    """Position of each token inside its packed segment (0 at the segment's first token)."""
+    T = segment_ids_BT.shape[1]
+    index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids_BT.shape)
+    starts_BT = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool),
+                                 segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+    start_index_BT = jax.lax.cummax(jnp.where(starts_BT, index_BT, 0), axis=1)
+    return index_BT - start_index_BT
+
+
+def segment_mask(segment_ids_BT: jax.Array) -> jax.Array:
+    """(B, T, T) keys a query may see: same segment, and not padding (segment id 0)."""
+    seg = segment_ids_BT
+    return (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "capture", "impl"))
-def _forward(cfg, params, tokens, masks, attention_mask, positions, capture, impl):
+def _forward(cfg, params, tokens, masks, attention_mask, positions, segment_ids, capture, impl):
     B, T = tokens.shape
     if attention_mask is None:
-        attention_mask = jnp.ones((B, T), bool)
+        attention_mask = jnp.ones((B, T), bool) if segment_ids is None else segment_ids > 0
+    key_valid = attention_mask.astype(bool)
+    if segment_ids is not None:
+        key_valid = segment_mask(segment_ids) & key_valid[:, None, :]
     if positions is None:
-        positions = default_positions(attention_mask)
-    logits, _, aux = apply(cfg, params, tokens, positions, jnp.arange(T), attention_mask.astype(bool),
-                           masks=masks, capture=capture, impl=impl)
+        positions = default_positions(attention_mask) if segment_ids is None else segment_positions(segment_ids)
+    logits, _, aux = apply(cfg, params, tokens, positions, jnp.arange(T), key_valid,
+                           masks=masks, capture=capture, impl=impl, token_valid_BT=attention_mask.astype(bool))
     return logits, aux
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, masks: dict | None = None, *,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-            capture: Sequence[str] = (), impl: str = "auto"):
+            segment_ids: jax.Array | None = None, capture: Sequence[str] = (), impl: str = "auto"):
     """Logits (B, T, V) in float32; with `capture`, also a dict of per-MoE-layer captures.
 
     masks: {layer_name: {"dims": (E, F) | (B, E, F), "experts": (E,) | (B, E)}}.
     attention_mask: (B, T) 1 for real tokens (left padding supported).
+    segment_ids: (B, T) packed rows: token attends only within its segment (id k > 0 for the
+    k-th example of the row, 0 for padding); positions then restart at each segment.
     capture: any of "routing" (logits/scores/idx/weights per token), "activations" (per-expert
-    sums of |h| and output norms), "moe_inputs" (the MoE block's input).
+    sums of |h| and output norms over real tokens: padding and segment id 0 excluded),
+    "moe_inputs" (the MoE block's input).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (batch, length) int32, got shape {tokens.shape}")
-    logits, aux = _forward(cfg, params, tokens, masks, attention_mask, positions, tuple(capture), impl)
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        if segment_ids.shape != tokens.shape:
+            raise ValueError(f"segment_ids shape {segment_ids.shape} must equal tokens shape {tokens.shape}")
+    logits, aux = _forward(cfg, params, tokens, masks, attention_mask, positions, segment_ids, tuple(capture),
+                           impl)
     return (logits, aux) if capture else logits
 
 

@@ -1,0 +1,186 @@
+"""Tables, JSON and plots of evaluation results, written atomically.
+
+`format_table` renders one `evaluation.evaluate` dict, `comparison_table` lines several runs
+up (baseline, then each pruning method), `write_results` writes results.json, results.md and
+expert_load.png into a workdir (temporary name, then rename: never half a file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _load_imbalance(fraction: Mapping[str, Sequence[float]]) -> float | None:
+    """Mean over MoE layers of max_e load * E: 1.0 is perfectly balanced, E is one expert only."""
+    ratios = [max(f) * len(f) for f in fraction.values() if len(f)]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """A markdown per-domain table (exact match, safety rates, perplexities, load) plus size and speed."""
+    em, ppl, load = (results.get(k, {}) for k in ("exact_match", "perplexity", "expert_load"))
+    lines = ["| domain | n | exact match | refusal | over-refusal | ppl (answer) | ppl (full) | max load×E |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for domain in dict.fromkeys([*em, *ppl]):
+        e, p = em.get(domain, {}), ppl.get(domain, {})
+        imbalance = _load_imbalance(load[domain]["fraction"]) if domain in load else None
+        lines.append(f"| {domain} | {e.get('n', '–')} | {_fmt(e.get('exact_match'))} | "
+                     f"{_fmt(e.get('refusal_rate'))} | {_fmt(e.get('over_refusal_rate'))} | "
+                     f"{_fmt(p.get('answer'), 2)} | {_fmt(p.get('full'), 2)} | {_fmt(imbalance, 2)} |")
+    if em:
+        mean = sum(e["exact_match"] for e in em.values()) / len(em)
+        lines.append(f"| **mean** | {sum(e['n'] for e in em.values())} | {_fmt(mean)} | | | | | |")
+    size = results.get("model", {})
+    if size:
+        lines += ["", f"params: total {size['total']:,} · routed experts {size['routed_experts']:,} · "
+                      f"active/token {size['active_per_token']:,} · {size['bytes'] / 2**20:.2f} MiB"]
+    speed = results.get("throughput")
+    if speed:
+        lines.append(f"throughput (batch {speed['batch_size']}, prompt {speed['prompt_len']}): prefill "
+                     f"{_fmt(speed['prefill_tokens_per_s'], 0)} tok/s · decode "
+                     f"{_fmt(speed['decode_tokens_per_s'], 0)} tok/s · peak memory "
+                     f"{speed['memory']['peak_bytes'] / 2**20:.0f} MiB ({speed['memory']['source']})")
+    if load:
+        lines.append("max load×E: the busiest expert's share of routed slots × expert count, averaged over "
+                     "MoE layers (1 = perfectly balanced)")
+    lines += [f"skipped: {s}" for s in results.get("skipped", [])]
+    return "\n".join(lines)
+
+
+def comparison_table(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """One row per run (baseline first, then each method): exact match per domain, safety, size."""
+    if not runs:
+        raise ValueError("comparison_table: no runs to compare")
+    domains = list(dict.fromkeys(d for _, r in runs for d in r.get("exact_match", {})))
+    header = ["model", *domains, "mean EM", "refusal", "over-refusal", "active params", "MiB"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for label, r in runs:
+        em, size = r.get("exact_match", {}), r.get("model", {})
+        scores = [em[d]["exact_match"] if d in em else None for d in domains]
+        known = [s for s in scores if s is not None]
+        safety = em.get("safety", {})
+        cells = [label, *map(_fmt, scores), _fmt(sum(known) / len(known) if known else None),
+                 _fmt(safety.get("refusal_rate")), _fmt(safety.get("over_refusal_rate")),
+                 f"{size['active_per_token']:,}" if size else "–",
+                 f"{size['bytes'] / 2**20:.2f}" if size else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types; NaN/inf become null (JSON has no spelling for them)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` to a temporary file beside `path`, then rename it over `path` (never half-written)."""
+    path = Path(path)
+    payload = data.encode() if isinstance(data, str) else data
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise OSError(f"cannot write {path.name} into {str(path.parent)!r}: {err.strerror or err}") from err
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_results(results: Mapping[str, Any], workdir: str | os.PathLike) -> dict[str, Path]:
+    """Write results.json, results.md and (with expert load) expert_load.png into `workdir`, atomically.
+
+    Everything is rendered before anything is written, so a failure leaves earlier files as
+    they were. Returns {kind: path}.
+    """
+    if not isinstance(results, Mapping):
+        raise TypeError(f"write_results: results must be a mapping, got {type(results).__name__}")
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create the results directory {str(workdir)!r}: {err.strerror or err}") from err
+    as_json = json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n"
+    source = f"Model: {results['model_path']}\n\n" if results.get("model_path") else ""
+    as_markdown = f"# Evaluation results\n\n{source}{format_table(results)}\n"
+    png = render_expert_load(results["expert_load"]) if results.get("expert_load") else None
+    paths = {"json": atomic_write(workdir / "results.json", as_json),
+             "markdown": atomic_write(workdir / "results.md", as_markdown)}
+    if png is not None:
+        paths["expert_load"] = atomic_write(workdir / "expert_load.png", png)
+    return paths
+
+
+def render_expert_load(load: Mapping[str, Mapping[str, Any]]) -> bytes:
+    """PNG heatmap, one panel per domain: MoE layers (rows) × experts (columns), colour = load fraction.
+
+    Layers with fewer experts (after pruning) leave their extra columns blank. Uses the Agg
+    canvas directly, so it never changes the caller's matplotlib backend.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not load:
+        raise ValueError("render_expert_load: no domains to draw")
+    grids = {}
+    for domain, entry in load.items():
+        fractions = list(entry["fraction"].values())
+        grid = np.full((len(fractions), max((len(f) for f in fractions), default=1)), np.nan)
+        for row, f in enumerate(fractions):
+            grid[row, :len(f)] = f
+        grids[domain] = (list(entry["fraction"]), grid)
+    vmax = max(float(np.nanmax(g)) if np.isfinite(g).any() else 0.0 for _, g in grids.values()) or 1.0
+    fig = Figure(figsize=(3.2 * len(grids) + 1, 0.35 * max(len(n) for n, _ in grids.values()) + 2.2),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(grids), squeeze=False)[0]
+    image = None
+    for ax, (domain, (names, grid)) in zip(axes, grids.items()):
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+        ax.set_title(domain)
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(len(names)), [n.removeprefix("layer_") for n in names])
+    axes[0].set_ylabel("MoE layer")
+    fig.colorbar(image, ax=list(axes), label="fraction of routed slots")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def plot_expert_load(load: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Write `render_expert_load(load)` to `path` atomically."""
+    return atomic_write(path, render_expert_load(load))
