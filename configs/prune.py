@@ -6,17 +6,22 @@ What it runs:
    into WORKDIR (``train_steps`` > 0 overrides its step count, e.g. for a smoke run).
 2. Evaluates it (see configs/evaluate.py: exact match per skills domain, safety refusal and
    over-refusal, perplexity, expert load, size, throughput) and prints the "before" table.
-3. For each ``(method, ratio)`` in ``methods``, prunes the model, evaluates it and adds an
-   "after" row. The methods (Fisher-MoE "fisher", MoE Pathfinder "pathfinder") land in later
-   issues; today ``methods`` is empty and the launcher says so.
-Writes WORKDIR/eval/<run>/results.{json,md} + expert_load.png per run, and WORKDIR/comparison.md.
+3. Collects the statistics the methods need in one calibration pass over ``calibration.data``
+   (skills train split by default; any `load_texts` spec), then for each
+   ``(method[:scope], ratio)`` in ``methods`` selects a plan, compacts the model, exports it
+   (``export``) and evaluates it as an "after" row. Methods: Fisher-MoE "fisher" and its
+   baselines "grad_abs", "activation", "router_weighted", "magnitude", "random"; scopes
+   "expert" (IntDim-E), "layer" (IntDim-L), "global" (IntDim-G, the default ``scope``).
+Writes WORKDIR/scores.npz, plans/<run>.json, pruned/<run>/ (HF checkpoint),
+eval/<run>/results.{json,md} + expert_load.png, and WORKDIR/comparison.md.
 
     python experiments/prune.py --config=configs/prune.py --workdir=/tmp/prune
     python experiments/prune.py --config=configs/prune.py --workdir=/tmp/smoke \\
         --config.train_steps=50 --config.eval.n_per_domain=10
 
-How long (2-core dev CPU): about a minute when a trained model exists (evaluation only, mostly
-compilation). Training from scratch takes what configs/skills_tiny.py says (TIMING there).
+How long (2-core dev CPU): about TIMING_MAIN when the committed model exists (calibration
+and three evaluations, mostly compilation). Training from scratch takes what
+configs/skills_tiny.py says.
 """
 
 from __future__ import annotations
@@ -34,7 +39,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.train_steps = 0  # 0: the train config's own step count
     config.tokenizer = "auto"  # "auto" (the checkpoint's own), "byte", or a tokenizer.json path
     config.dtype = "float32"
-    # (name, ratio) pairs run after the baseline, e.g. (("fisher", 0.5), ("pathfinder", 0.25)).
-    config.methods = ()
+    # (method[:scope], ratio) pairs run after the baseline: Fisher-MoE at 50% over the whole
+    # model, against the activation ranking at the same compression.
+    config.methods = (("fisher", 0.5), ("activation", 0.5))
+    config.scope = "global"  # for methods named without ":scope"
+    config.min_dims_per_expert = 1
+    config.drop_empty_experts = False
+    config.export = True  # write each pruned model as an HF checkpoint under WORKDIR/pruned/
+    config.calibration = ml_collections.ConfigDict(dict(
+        data="skills:train",  # any moe_jax.data.load_texts spec; never the eval split
+        n_per_domain=64,  # skills examples per domain
+        seq_len=64, batch_size=16, micro_batch_size=16, max_rows=0, seed=0,
+        answer_only=True,  # skills: Fisher of the answer loss (the capability), not the prompt's
+    ))
     config.eval = EvalSettings(n_per_domain=50).as_config()
     return config

@@ -1,19 +1,25 @@
 """The main job: evaluate the built-in skills MoE, then each configured pruning method.
 
     python experiments/prune.py --config=configs/prune.py --workdir=/tmp/prune
+    python experiments/prune.py --config=configs/fisher_moe.py --workdir=/tmp/fisher \
+        --config.model_path=/path/to/Qwen1.5-MoE-A2.7B --config.calibration.data=hf:wikitext/wikitext-2-raw-v1:train
 
 Finds (or trains) the model, evaluates the baseline and prints its per-domain table, then
-runs every ``(name, ratio)`` of ``config.methods``: prune, evaluate, add a row to the
-before/after comparison. Results: WORKDIR/eval/<run>/ and WORKDIR/comparison.md. See
-configs/prune.py for the search order of the model and the knobs.
+runs every ``(method[:scope], ratio)`` of ``config.methods``: one calibration pass collects
+every statistic the methods need (WORKDIR/scores.npz; killed, it resumes), each method selects
+a plan (WORKDIR/plans/<run>.json), the model is compacted (WORKDIR/pruned/<run>/, an HF
+checkpoint, when ``config.export``), evaluated, and added to the before/after comparison.
+Results: WORKDIR/eval/<run>/ and WORKDIR/comparison.md. See configs/prune.py for the knobs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,7 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from moe_jax import evaluation  # noqa: E402
+from moe_jax import evaluation, hf, pruning, scoring  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -32,28 +38,39 @@ flags.DEFINE_string("workdir", None, "Model (WORKDIR/model), per-run results and
 flags.mark_flags_as_required(["config", "workdir"])
 
 Params = dict[str, Any]
-PruneFn = Callable[[ModelConfig, Params, float, Any], tuple[ModelConfig, Params]]
 
-# name -> prune(cfg, params, ratio, config) -> (smaller cfg, params). Filled by later issues.
-METHODS: dict[str, PruneFn] = {}
-PLANNED = {"fisher": "Fisher-MoE",
-           "pathfinder": "MoE Pathfinder"}
+# Dim-level methods (Fisher-MoE and its baselines): method -> the statistic that ranks dims.
+METHODS: dict[str, str] = {name: name for name in scoring.DIM_STATISTICS}
+PLANNED = {"pathfinder": "MoE Pathfinder"}
 
 
-def check_methods(methods: Sequence[Any]) -> list[tuple[str, float]]:
-    """Validate config.methods before anything expensive runs: (known name, 0 < ratio < 1) pairs."""
+def parse_method(name: str, default_scope: str) -> tuple[str, str]:
+    """"fisher" -> ("fisher", default_scope); "fisher:expert" -> ("fisher", "expert")."""
+    method, _, scope = name.partition(":")
+    scope = scope or default_scope
+    if method not in METHODS:
+        later = f" ({PLANNED[method]} lands in a later issue)" if method in PLANNED else ""
+        raise ValueError(f"config.methods: method {method!r} is not available{later}; available: {sorted(METHODS)}")
+    if scope not in pruning.SCOPES:
+        raise ValueError(f"config.methods: {name!r} has scope {scope!r}; expected one of {pruning.SCOPES}")
+    return method, scope
+
+
+def check_methods(methods: Sequence[Any], default_scope: str = "global") -> list[tuple[str, str, float]]:
+    """Validate config.methods before anything expensive runs: (method, scope, 0 < ratio < 1)."""
     checked = []
     for entry in methods:
         if not (isinstance(entry, Sequence) and not isinstance(entry, str) and len(entry) == 2):
             raise ValueError(f"config.methods entry {entry!r}: expected a (name, ratio) pair")
-        name, ratio = str(entry[0]), float(entry[1])
-        if name not in METHODS:
-            later = f" ({PLANNED[name]} lands in a later issue)" if name in PLANNED else ""
-            raise ValueError(f"config.methods: method {name!r} is not available{later}; "
-                             f"available: {sorted(METHODS) or 'none yet'}")
+        name = str(entry[0])
+        try:
+            ratio = float(entry[1])
+        except (TypeError, ValueError):
+            raise ValueError(f"config.methods: {name!r} ratio {entry[1]!r} is not a number") from None
+        method, scope = parse_method(name, default_scope)
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"config.methods: {name!r} ratio {ratio} must lie in (0, 1)")
-        checked.append((name, ratio))
+        checked.append((method, scope, ratio))
     return checked
 
 
@@ -86,8 +103,31 @@ def train_default(config, workdir: Path) -> Path:
     return workdir / "model"
 
 
-def run_label(name: str, ratio: float) -> str:
-    return f"{name}@{ratio:g}"
+def run_label(method: str, scope: str, ratio: float) -> str:
+    return f"{method}-{scope}@{ratio:g}"
+
+
+def calibrate(cfg: ModelConfig, params: Params, tokenizer, config, statistics: Sequence[str],
+              workdir: Path) -> scoring.Scores:
+    """One calibration pass for every statistic the methods need; cached in WORKDIR/scores.npz."""
+    path = workdir / "scores.npz"
+    if path.exists():
+        cached = scoring.Scores.load(path)
+        if set(statistics) <= set(cached.names) and cached.meta.get("calibration") == config.calibration.to_dict():
+            print(f"Using the scores in {path}")
+            return cached
+    c = config.calibration
+    batches = scoring.calibration_batches(c.data, tokenizer, n_per_domain=c.n_per_domain, seq_len=c.seq_len,
+                                          batch_size=c.batch_size, seed=c.seed, answer_only=c.answer_only,
+                                          max_rows=c.max_rows)
+    print(f"Calibration: {c.data}, {sum(len(b['tokens']) for b in batches)} rows of {c.seq_len} tokens")
+    data_id = json.dumps([c.to_dict(), sorted(statistics)], sort_keys=True)
+    state = workdir / f"scores_state-{hashlib.blake2b(data_id.encode(), digest_size=4).hexdigest()}.npz"
+    scores = scoring.collect(cfg, params, batches, statistics, micro_batch_size=c.micro_batch_size, seed=c.seed,
+                             checkpoint_path=state, data_id=data_id, total=len(batches))
+    scores.meta["calibration"] = c.to_dict()
+    scores.save(path)
+    return scores
 
 
 def evaluate_run(label: str, cfg: ModelConfig, params: Params, tokenizer, settings, workdir: Path) -> dict:
@@ -104,7 +144,7 @@ def main(argv: list[str]) -> None:
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     try:
-        methods = check_methods(config.methods)
+        methods = check_methods(config.methods, config.scope)
         settings = evaluation.EvalSettings.from_config(config.eval)
         path = find_model(config, workdir)
         cfg, params = evaluation.load_model(path, config.dtype)
@@ -115,12 +155,22 @@ def main(argv: list[str]) -> None:
     runs = [("baseline", evaluate_run("baseline", cfg, params, tokenizer, settings, workdir))]
     if not methods:
         note = ("No pruning methods configured (config.methods is empty): only the baseline was evaluated. "
-                "Fisher-MoE and Pathfinder land in later issues; then set e.g. "
-                "--config.methods=\"(('fisher', 0.5),)\".")
+                "Set e.g. --config.methods=\"(('fisher', 0.5), ('activation:layer', 0.5))\".")
         print(f"\n{note}")
-    for name, ratio in methods:
-        pruned_cfg, pruned_params = METHODS[name](cfg, params, ratio, config)
-        label = run_label(name, ratio)
+    else:
+        scores = calibrate(cfg, params, tokenizer, config, sorted({METHODS[m] for m, _, _ in methods}), workdir)
+    for method, scope, ratio in methods:
+        label = run_label(method, scope, ratio)
+        plan = pruning.select(cfg, scores, METHODS[method], scope, ratio,
+                              min_dims_per_expert=config.min_dims_per_expert,
+                              drop_empty_experts=config.drop_empty_experts)
+        plan.save(workdir / "plans" / f"{label}.json")
+        print(f"\n{plan.summary()}")
+        pruned_cfg, pruned_params = pruning.apply(cfg, params, plan)
+        if config.export:
+            out = workdir / "pruned" / label
+            extra = [f for f in (path / "tokenizer.json", path / "tokenizer_config.json") if f.is_file()]
+            hf.save_pretrained(pruned_cfg, pruned_params, out, overwrite=True, extra_files=extra)
         runs.append((label, evaluate_run(label, pruned_cfg, pruned_params, tokenizer, settings, workdir)))
     table = evaluation.comparison_table(runs)
     print(f"\n## Before / after pruning\n\n{table}")

@@ -1,0 +1,30 @@
+"""Fisher-MoE on the built-in model: Fisher-ranked routed-expert dims removed at 50%.
+
+Runs experiments/prune.py: one calibration pass (320 skills training examples, answer-only
+loss, per-sequence Fisher from one backward per batch), then Fisher at 50% in the three
+scopes of the paper (IntDim-E "expert", IntDim-L "layer", IntDim-G "global"), each exported as
+an HF checkpoint under WORKDIR/pruned/ and evaluated against the unpruned model.
+
+    python experiments/prune.py --config=configs/fisher_moe.py --workdir=/tmp/fisher_moe
+
+On a real checkpoint, point it at the model and a text corpus:
+
+    --config.model_path=/ckpt/Qwen1.5-MoE-A2.7B --config.tokenizer=auto \\
+    --config.calibration.data=hf:wikitext/wikitext-2-raw-v1:train --config.calibration.max_rows=128
+
+How long (2-core dev CPU, built-in model): TIMING_FISHER.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+
+def get_config():
+    spec = importlib.util.spec_from_file_location("prune_config", Path(__file__).with_name("prune.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.methods = (("fisher:expert", 0.5), ("fisher:layer", 0.5), ("fisher:global", 0.5))
+    return config

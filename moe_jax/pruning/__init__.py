@@ -1,0 +1,13 @@
+"""Pruning: plans (data), selection rules, and physical compaction.
+
+    plan = pruning.select(cfg, scores, method="fisher", scope="global", ratio=0.5)
+    masked_logits = model.forward(cfg, params, tokens, pruning.masks(cfg, plan))  # simulate
+    cfg2, params2 = pruning.apply(cfg, params, plan)                               # compact
+"""
+
+from moe_jax.pruning.compact import apply, pad_to_uniform, routed_bytes
+from moe_jax.pruning.plan import PlanError, PruningPlan, identity_plan, masks
+from moe_jax.pruning.select import SCOPES, check_ratio, select
+
+__all__ = ["PruningPlan", "PlanError", "select", "apply", "masks", "pad_to_uniform", "routed_bytes",
+           "identity_plan", "check_ratio", "SCOPES"]

@@ -1,0 +1,79 @@
+"""Physical compaction: a plan becomes a smaller config and smaller weights.
+
+Kept experts keep their router columns (and DeepSeek-V3 score bias), kept dims keep their
+gate/up columns and down rows; per-expert widths go into the config, and the experts are
+re-bucketed (`ModelConfig.expert_buckets`) so non-uniform layers are not padded to their
+widest expert. Shared experts, attention and embeddings are untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax.config import ModelConfig
+from moe_jax.model.layout import expert_weight, pack_experts
+from moe_jax.pruning.plan import PlanError, PruningPlan
+
+Params = dict[str, Any]
+
+
+def _copy_tree(tree):
+    return {k: _copy_tree(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def apply(cfg: ModelConfig, params: Params, plan: PruningPlan) -> tuple[ModelConfig, Params]:
+    """(config, params) of the pruned model; its logits equal `forward(cfg, params, masks(plan))`."""
+    plan.check(cfg)
+    new_cfg, new = cfg, _copy_tree(params)
+    for layer in cfg.moe_layers:
+        kept = list(plan.experts[layer])
+        per = []
+        for e in kept:
+            w = expert_weight(cfg, params, layer, e)
+            j = jnp.asarray(plan.dims[layer][e])
+            per.append({"gate": w["gate"][:, j], "up": w["up"][:, j], "down": w["down"][j, :]})
+        new_cfg = new_cfg.with_layer_experts(layer, [len(plan.dims[layer][e]) for e in kept])
+        moe = new[cfg.layer_name(layer)]["moe"]
+        moe["experts"] = pack_experts(new_cfg, layer, per, xp=jnp)
+        if len(kept) < cfg.experts_per_layer[layer]:
+            cols = jnp.asarray(kept)
+            moe["router"]["kernel"] = moe["router"]["kernel"][:, cols]
+            if "score_bias" in moe:
+                moe["score_bias"] = moe["score_bias"][cols]
+    new_cfg.validate()
+    return new_cfg, new
+
+
+def pad_to_uniform(cfg: ModelConfig, params: Params, multiple_of: int = 8) -> tuple[ModelConfig, Params]:
+    """Zero-pad every expert to the widest one (rounded up to `multiple_of`), so stock loaders
+    (one moe_intermediate_size) read it. The outputs are exactly those of the non-uniform
+    model; nothing is saved. transformers' grouped-matmul expert kernel needs 16-byte row
+    strides, hence the rounding."""
+    counts = {cfg.experts_per_layer[i] for i in cfg.moe_layers}
+    if len(counts) > 1:
+        raise PlanError(f"pad_to_uniform: MoE layers hold different expert counts {sorted(counts)}; stock "
+                        "configs have one num_experts, so only width padding is possible here")
+    if multiple_of < 1:
+        raise PlanError(f"pad_to_uniform: multiple_of={multiple_of} must be >= 1")
+    width = max(max(cfg.expert_widths[i]) for i in cfg.moe_layers)
+    width = -(-width // multiple_of) * multiple_of
+    new_cfg, new = cfg, _copy_tree(params)
+    for layer in cfg.moe_layers:
+        per = []
+        for e in range(cfg.experts_per_layer[layer]):
+            w = expert_weight(cfg, params, layer, e)
+            pad = width - w["gate"].shape[1]
+            per.append({"gate": jnp.pad(w["gate"], ((0, 0), (0, pad))), "up": jnp.pad(w["up"], ((0, 0), (0, pad))),
+                        "down": jnp.pad(w["down"], ((0, pad), (0, 0)))})
+        new_cfg = new_cfg.with_layer_experts(layer, [width] * cfg.experts_per_layer[layer])
+        new[cfg.layer_name(layer)]["moe"]["experts"] = pack_experts(new_cfg, layer, per, xp=jnp)
+    return new_cfg, new
+
+
+def routed_bytes(cfg: ModelConfig, dtype: Any = np.float32) -> int:
+    """Bytes of the routed experts' weights at their real widths."""
+    item = np.dtype(dtype).itemsize
+    return sum(3 * cfg.hidden_size * sum(cfg.expert_widths[i]) * item for i in cfg.moe_layers)

@@ -1,0 +1,16 @@
+"""Calibration statistics for pruning: one pass over data, many statistics (see `collect`)."""
+
+from moe_jax.scoring.calibration import calibration_batches
+from moe_jax.scoring.collect import calibration_rows, collect
+from moe_jax.scoring.statistics import (
+    DIM_STATISTICS,
+    EXPERT_STATISTICS,
+    STATISTICS,
+    Scores,
+    ScoringError,
+    magnitude,
+    random_scores,
+)
+
+__all__ = ["collect", "calibration_batches", "calibration_rows", "Scores", "ScoringError", "STATISTICS",
+           "DIM_STATISTICS", "EXPERT_STATISTICS", "magnitude", "random_scores"]

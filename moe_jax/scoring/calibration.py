@@ -1,0 +1,45 @@
+"""Calibration batches from any `load_texts` source, in the shape `collect` reads.
+
+Skills sources become supervised rows, one example per row (so a per-row Fisher is a
+per-example Fisher), with the loss on the answer by default (the capability is the answer);
+any other text is concatenated and cut into rows of `seq_len + 1` tokens, loss on every token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moe_jax.data import pipeline
+from moe_jax.data.tokenizer import Tokenizer
+from moe_jax.scoring.statistics import ScoringError
+
+
+def calibration_batches(spec: str, tokenizer: Tokenizer, *, n_per_domain: int = 64, seq_len: int = 64,
+                        batch_size: int = 8, seed: int = 0, answer_only: bool = True, column: str = "text",
+                        max_rows: int = 0) -> list[dict[str, np.ndarray]]:
+    """Batches of `batch_size` rows (the last one may be shorter), in a fixed order.
+
+    spec: e.g. "skills:train" (never the eval split for scores that choose what to prune),
+    "skills:train:code", "json:/data/calib.jsonl", "hf:wikitext/wikitext-2-raw-v1:train".
+    max_rows: keep at most this many rows (0: all).
+    """
+    if batch_size < 1 or seq_len < 2:
+        raise ScoringError(f"calibration: batch_size={batch_size} and seq_len={seq_len} must be >= 1 and >= 2")
+    try:
+        ds = pipeline.load_texts(spec, column=column, n_per_domain=n_per_domain, seed=seed)
+    except ValueError as err:
+        raise ScoringError(f"calibration data: {err}") from None
+    if "prompt" in ds.column_names:
+        examples = pipeline.examples_from_dataset(ds)
+        try:
+            rows = pipeline.encode_examples(examples, tokenizer, seq_len, prompt_weight=0.0 if answer_only else 1.0)
+        except ValueError as err:
+            raise ScoringError(f"calibration data {spec!r}: {err} (raise calibration seq_len)") from None
+    else:
+        try:
+            tokens = pipeline.pack(ds, tokenizer, seq_len + 1)
+        except ValueError as err:
+            raise ScoringError(f"calibration data {spec!r}: {err}") from None
+        rows = {"tokens": tokens}
+    n = len(rows["tokens"]) if not max_rows else min(max_rows, len(rows["tokens"]))
+    return [{k: v[i:i + batch_size] for k, v in rows.items()} for i in range(0, n, batch_size)]

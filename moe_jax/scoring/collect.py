@@ -1,0 +1,289 @@
+"""One jit-compiled pass over calibration batches that accumulates many statistics at once.
+
+Each micro-batch runs one forward and, when a gradient statistic is asked for, one backward
+with respect to a per-sequence dims mask (ones, shape (B, E, F_max) per MoE layer): the
+gradient of the summed per-sequence losses with respect to sequence s's mask *is* dL_s/dm,
+so the per-sample Fisher of every routed-expert dim comes out of a single backward pass. The
+model weights get no gradient. Activation and routing sums come from the same forward.
+
+Sums accumulate on the host in float64. With ``checkpoint_path`` the accumulators and the
+number of batches done are saved atomically every ``checkpoint_every`` batches; a killed run
+started again with the same arguments skips the batches it has and ends with the same scores.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from moe_jax.config import ModelConfig
+from moe_jax.model import transformer
+from moe_jax.scoring.statistics import (
+    DIM_STATISTICS,
+    STATISTICS,
+    Scores,
+    ScoringError,
+    atomic_write_bytes,
+    magnitude,
+    random_scores,
+)
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, Any]
+Batch = Mapping[str, np.ndarray] | np.ndarray
+_GRAD_STATS = ("fisher", "grad_abs")
+_ACT_STATS = ("activation", "router_weighted", "routing")
+_STATE_VERSION = 1
+
+
+# ============================================================================ batches
+def calibration_rows(batch: Batch) -> dict[str, np.ndarray]:
+    """A batch as next-token rows: inputs (B, T), targets, loss weights, segment ids.
+
+    Accepts the pipeline's dicts ({"tokens", "loss_mask"?, "segment_ids"?}) or a plain (B, T+1)
+    token array (every token real, loss on all of them). Row t predicts token t+1; a token is
+    real where its segment id is > 0 (absent: all real).
+    """
+    if not isinstance(batch, Mapping):
+        batch = {"tokens": np.asarray(batch)}
+    if "tokens" not in batch:
+        raise ScoringError(f"calibration batch has keys {sorted(batch)}; expected 'tokens' "
+                           "(and optionally 'loss_mask', 'segment_ids')")
+    tokens = np.asarray(batch["tokens"])
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ScoringError(f"calibration batch 'tokens' has shape {tokens.shape}; expected (batch, length >= 2)")
+    seg = np.asarray(batch.get("segment_ids", np.ones_like(tokens)), np.int32)
+    if "loss_mask" in batch:
+        weights = np.asarray(batch["loss_mask"], np.float32)
+    elif "attention_mask" in batch:
+        weights = np.asarray(batch["attention_mask"], np.float32)
+        seg = np.where(weights > 0, seg, 0).astype(np.int32)
+    else:
+        weights = (seg > 0).astype(np.float32)
+    # A target counts only inside its own segment (not across a packed boundary).
+    same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+            "weights": (weights[:, 1:] * same).astype(np.float32), "segment_ids": seg[:, :-1]}
+
+
+def micro_batches(rows: dict[str, np.ndarray], size: int) -> Iterable[dict[str, np.ndarray]]:
+    """Slices of `size` rows; the last one padded with empty rows (they count nothing)."""
+    n = len(rows["inputs"])
+    for start in range(0, n, size):
+        chunk = {k: v[start:start + size] for k, v in rows.items()}
+        pad = size - len(chunk["inputs"])
+        if pad:
+            chunk = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
+        yield chunk
+
+
+# ============================================================================ the step
+def _ones_masks(cfg: ModelConfig, batch_size: int) -> dict[str, dict[str, jax.Array]]:
+    return {cfg.layer_name(i): {"dims": jnp.ones((batch_size, cfg.experts_per_layer[i], cfg.max_width(i)),
+                                                 jnp.float32)}
+            for i in cfg.moe_layers}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "want_grad", "want_acts", "impl"))
+def _score_step(cfg: ModelConfig, params: Params, rows, *, want_grad: bool, want_acts: bool, impl: str):
+    """Sums over one micro-batch: {stat: {layer: array}} plus token and sequence counts."""
+    B = rows["inputs"].shape[0]
+    capture = ("activations", "routing") if want_acts else ()
+    token_weight_B = rows["weights"].sum(-1)
+
+    def loss(masks):
+        out = transformer.forward(cfg, params, rows["inputs"], masks if want_grad else None,
+                                  segment_ids=rows["segment_ids"], capture=capture, impl=impl)
+        logits, aux = out if capture else (out, {})
+        ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits, rows["targets"])
+        # L = sum_s L_s with L_s the mean loss of sequence s, so dL/dm_s = dL_s/dm.
+        per_seq_B = (ce_BT * rows["weights"]).sum(-1) / jnp.maximum(token_weight_B, 1.0)
+        return per_seq_B.sum(), aux
+
+    masks = _ones_masks(cfg, B) if want_grad else None
+    if want_grad:
+        grads, aux = jax.grad(loss, has_aux=True)(masks)
+    else:
+        _, aux = loss(masks)
+    sums: dict[str, dict[str, jax.Array]] = {}
+    valid_BT = rows["segment_ids"] > 0
+    for i in cfg.moe_layers:
+        name = cfg.layer_name(i)
+        if want_grad:
+            g_BEF = grads[name]["dims"]
+            sums.setdefault("fisher_sum", {})[name] = jnp.sum(g_BEF**2, axis=0)
+            sums.setdefault("grad_abs_sum", {})[name] = jnp.sum(jnp.abs(g_BEF), axis=0)
+        if want_acts:
+            a = aux[name]
+            sums.setdefault("act_abs_sum", {})[name] = a["act_abs_sum"]
+            sums.setdefault("act_weighted_abs_sum", {})[name] = a["act_weighted_abs_sum"]
+            sums.setdefault("count", {})[name] = a["count"]
+            sums.setdefault("weighted_out_norm_sum", {})[name] = a["weighted_out_norm_sum"]
+            sums.setdefault("prob_mass", {})[name] = jnp.sum(a["scores_TE"] * valid_BT[..., None], axis=(0, 1))
+    counts = {"tokens": valid_BT.sum(), "sequences": (token_weight_B > 0).sum()}
+    return sums, counts
+
+
+# ============================================================================ state
+class _State:
+    """Host accumulators (float64) and progress; saved and restored as one .npz."""
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = fingerprint
+        self.batches_done = 0
+        self.num_tokens = 0
+        self.num_sequences = 0
+        self.sums: dict[str, dict[str, np.ndarray]] = {}
+
+    def add(self, sums, counts) -> None:
+        sums, counts = jax.device_get((sums, counts))
+        for stat, per_layer in sums.items():
+            acc = self.sums.setdefault(stat, {})
+            for layer, arr in per_layer.items():
+                acc[layer] = acc.get(layer, 0.0) + np.asarray(arr, np.float64)
+        self.num_tokens += int(counts["tokens"])
+        self.num_sequences += int(counts["sequences"])
+
+    def save(self, path: Path) -> None:
+        arrays = {f"{s}/{lyr}": a for s, per in self.sums.items() for lyr, a in per.items()}
+        header = {"version": _STATE_VERSION, "fingerprint": self.fingerprint, "batches_done": self.batches_done,
+                  "num_tokens": self.num_tokens, "num_sequences": self.num_sequences}
+        arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def restore(cls, path: Path, fingerprint: str) -> _State:
+        try:
+            with np.load(path) as z:
+                header = json.loads(bytes(z["__header__"]).decode())
+                arrays = {k: z[k] for k in z.files if k != "__header__"}
+        except (OSError, ValueError, KeyError) as err:
+            raise ScoringError(f"{path}: unreadable scoring checkpoint ({err}); delete it to start over") from err
+        if header.get("fingerprint") != fingerprint:
+            raise ScoringError(f"{path}: this scoring checkpoint belongs to another run (different model, "
+                               "statistics or settings); delete it or choose another checkpoint_path")
+        state = cls(fingerprint)
+        state.batches_done, state.num_tokens = header["batches_done"], header["num_tokens"]
+        state.num_sequences = header["num_sequences"]
+        for key, arr in arrays.items():
+            stat, layer = key.split("/", 1)
+            state.sums.setdefault(stat, {})[layer] = arr
+        return state
+
+
+def _fingerprint(cfg: ModelConfig, params: Params, statistics: Sequence[str], micro_batch_size: int,
+                 seed: int, data_id: str) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    h.update(json.dumps([cfg.to_json(), list(statistics), micro_batch_size, seed, data_id]).encode())
+    # A cheap digest of the weights: the router kernels decide everything scored here.
+    for i in cfg.moe_layers:
+        h.update(np.asarray(params[cfg.layer_name(i)]["moe"]["router"]["kernel"], np.float32).tobytes())
+    return h.hexdigest()
+
+
+# ============================================================================ collect
+def collect(cfg: ModelConfig, params: Params, batches: Iterable[Batch], statistics: Sequence[str] = ("fisher",),
+            *, micro_batch_size: int = 8, seed: int = 0, impl: str = "auto",
+            checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 20,
+            data_id: str = "", progress: bool = True, total: int | None = None) -> Scores:
+    """Accumulate `statistics` (any of `STATISTICS`) over `batches` and return `Scores`.
+
+    batches: an iterable of pipeline batch dicts or (B, T+1) token arrays, the same sequence
+    on every call if a run is to resume. micro_batch_size: rows per compiled step (the last
+    micro-batch is padded with empty rows). checkpoint_path: an .npz to save progress to and
+    resume from; it is refused if the model, statistics, settings or `data_id` (any string that
+    names the calibration data) differ from the run that wrote it.
+    """
+    statistics = tuple(dict.fromkeys(statistics))
+    unknown = sorted(set(statistics) - set(STATISTICS))
+    if unknown or not statistics:
+        raise ScoringError(f"statistics {list(statistics)}: unknown {unknown}; expected some of {list(STATISTICS)}")
+    if micro_batch_size < 1:
+        raise ScoringError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if not cfg.moe_layers:
+        raise ScoringError(f"model {cfg.model_type} has no MoE layers to score")
+    want_grad = any(s in statistics for s in _GRAD_STATS)
+    want_acts = any(s in statistics for s in _ACT_STATS)
+    fingerprint = _fingerprint(cfg, params, statistics, micro_batch_size, seed, data_id)
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    state = _State.restore(ckpt, fingerprint) if ckpt and ckpt.exists() else _State(fingerprint)
+    if state.batches_done:
+        log.info("scoring: resuming from %s after %d batches", ckpt, state.batches_done)
+
+    if want_grad or want_acts:
+        bar = _progress(total, state.batches_done, progress)
+        for index, batch in enumerate(batches):
+            if index < state.batches_done:
+                continue
+            for chunk in micro_batches(calibration_rows(batch), micro_batch_size):
+                state.add(*_score_step(cfg, params, chunk, want_grad=want_grad, want_acts=want_acts, impl=impl))
+            state.batches_done = index + 1
+            bar.update(1)
+            if ckpt and state.batches_done % checkpoint_every == 0:
+                state.save(ckpt)
+        bar.close()
+        if ckpt:
+            state.save(ckpt)
+        if state.num_tokens == 0 or (want_grad and state.num_sequences == 0):
+            raise ScoringError("no calibration tokens: the batches were empty or every loss weight was 0 "
+                               f"({state.batches_done} batches seen); give batches with real tokens")
+    return _finish(cfg, params, state, statistics, seed)
+
+
+def _progress(total, initial, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="scoring", unit="batch", disable=not enabled)
+
+
+def _finish(cfg: ModelConfig, params: Params, state: _State, statistics: Sequence[str], seed: int) -> Scores:
+    widths = {cfg.layer_name(i): tuple(cfg.expert_widths[i]) for i in cfg.moe_layers}
+    real = {cfg.layer_name(i): np.arange(cfg.max_width(i))[None, :] < np.array(cfg.expert_widths[i])[:, None]
+            for i in cfg.moe_layers}
+    sums, values = state.sums, {}
+
+    def per_dim(stat, fn):
+        values[stat] = {lyr: np.where(real[lyr], fn(lyr), np.nan) for lyr in widths}
+
+    def mean_over_routed(key):
+        return lambda lyr: sums[key][lyr] / np.maximum(sums["count"][lyr], 1.0)[:, None]
+
+    if "fisher" in statistics:
+        per_dim("fisher", lambda lyr: sums["fisher_sum"][lyr])
+    if "grad_abs" in statistics:
+        per_dim("grad_abs", lambda lyr: sums["grad_abs_sum"][lyr] / max(state.num_sequences, 1))
+    if "activation" in statistics:
+        per_dim("activation", mean_over_routed("act_abs_sum"))
+    if "router_weighted" in statistics:
+        per_dim("router_weighted", mean_over_routed("act_weighted_abs_sum"))
+    if "magnitude" in statistics:
+        values["magnitude"] = magnitude(cfg, params)
+    if "random" in statistics:
+        values["random"] = random_scores(cfg, seed)
+    if "routing" in statistics:
+        values["expert_count"] = {lyr: sums["count"][lyr] for lyr in widths}
+        values["expert_prob_mass"] = {lyr: sums["prob_mass"][lyr] for lyr in widths}
+        values["expert_reap"] = {lyr: sums["weighted_out_norm_sum"][lyr] / np.maximum(sums["count"][lyr], 1.0)
+                                 for lyr in widths}
+    scores = Scores(values, widths, state.num_sequences, state.num_tokens,
+                    {"statistics": list(statistics), "seed": seed, "batches": state.batches_done})
+    scores.check_finite()
+    return scores
+
+
+__all__ = ["collect", "calibration_rows", "Scores", "ScoringError", "STATISTICS", "DIM_STATISTICS"]
