@@ -12,7 +12,8 @@ On a real checkpoint, point it at the model and a text corpus:
     --config.model_path=/ckpt/Qwen1.5-MoE-A2.7B --config.tokenizer=auto \\
     --config.calibration.data=hf:wikitext/wikitext-2-raw-v1:train --config.calibration.max_rows=128
 
-How long (2-core dev CPU, built-in model): TIMING_FISHER.
+How long (2-core dev CPU, built-in model): about 3.5 minutes (a calibration pass, then three
+compactions, exports and evaluations).
 """
 
 from __future__ import annotations

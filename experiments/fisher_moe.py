@@ -12,7 +12,10 @@
 4. Memory: parameter bytes before/after 50% for this model (compacted) and for the
    Qwen1.5-MoE-A2.7B config (`jax.eval_shape`, no weights).
 5. Throughput: prefill and decode tokens/s, unpruned vs 50% (expert and global scopes),
-   compacted, measured one after the other in this run.
+   compacted, measured one after the other in this run, on this model and on a random-weight
+   model whose routed experts dominate its FLOPs (`config.heavy`; the global plan there keeps
+   the per-expert fractions that Fisher-global chose on this model).
+6. Ablation: Fisher of the answer tokens only, against the full-sequence default.
 
 Results: WORKDIR/report.md, report.json, sweep.png, sensitivity.png. Evaluations done are kept
 in WORKDIR/progress.json, so a killed run resumes where it stopped.
@@ -135,6 +138,38 @@ def scoring_cost(cfg, params, batch, micro_batch_size: int, repeats: int = 5) ->
     return {"fisher_s_per_token": f / tokens, "plain_s_per_token": p / tokens, "ratio": f / p, "tokens": tokens}
 
 
+def heavy_model(config, fractions: dict[int, list[float]]):
+    """A random expert-dominated model, unpruned and at 50% (expert scope, and `fractions` per
+    expert as a global plan would leave them); for throughput only."""
+    h = config.heavy
+    cfg = ModelConfig.create(model_type="qwen2_moe", vocab_size=h.vocab_size, hidden_size=h.hidden_size,
+                             num_layers=h.num_layers, num_heads=h.num_heads, num_kv_heads=h.num_heads,
+                             head_dim=h.hidden_size // h.num_heads, num_experts=h.num_experts,
+                             num_experts_per_tok=h.top_k, moe_intermediate_size=h.width,
+                             max_position_embeddings=512)
+    params = transformer.init(cfg, jax.random.PRNGKey(0))
+    per_layer = list(fractions.values())
+    expert_plan = {lyr: tuple(range(h.num_experts)) for lyr in cfg.moe_layers}
+    widths = {lyr: tuple(cfg.expert_widths[lyr]) for lyr in cfg.moe_layers}
+    halves = {lyr: {e: tuple(range(h.width // 2)) for e in range(h.num_experts)} for lyr in cfg.moe_layers}
+    uniform = pruning.PruningPlan("first-half", "expert", 0.5, widths, expert_plan, halves)
+    dims = {}
+    for i, lyr in enumerate(cfg.moe_layers):
+        f = per_layer[i % len(per_layer)]
+        dims[lyr] = {e: tuple(range(max(1, round(f[e % len(f)] * h.width)))) for e in range(h.num_experts)}
+    ragged = pruning.PruningPlan("fisher-pattern", "global", 0.5, uniform.source_widths, expert_plan, dims)
+    return cfg, params, {"expert@0.5": uniform, "global@0.5": ragged}
+
+
+def throughputs(cfg, params, plans, config) -> dict[str, Any]:
+    run = lambda c, p: evaluation.throughput(c, p, batch_size=config.throughput_batch,  # noqa: E731
+                                             prompt_len=config.prompt_len, repeats=config.repeats)
+    out = {"unpruned": run(cfg, params)}
+    for label, plan in plans.items():
+        out[label] = run(*pruning.apply(cfg, params, plan))
+    return out
+
+
 def memory_table(cfg: ModelConfig, params, plans: dict[str, pruning.PruningPlan]) -> dict[str, Any]:
     """Bytes before/after for this model (compacted), and Qwen1.5-MoE-A2.7B at 50% by shapes."""
     out = {"this_model": {"unpruned": evaluation.model_size(cfg, params)}}
@@ -227,19 +262,33 @@ def main(argv: list[str]) -> None:
 
     half = {f"{scope}@0.5": pruning.select(cfg, scores, "fisher", scope, 0.5) for scope in ("expert", "global")}
     memory = memory_table(cfg, params, half)
-    speed = {"unpruned": evaluation.throughput(cfg, params, batch_size=config.throughput_batch,
-                                               prompt_len=config.prompt_len, repeats=config.repeats)}
-    for label, plan in half.items():
-        c2, p2 = pruning.apply(cfg, params, plan)
-        speed[label] = evaluation.throughput(c2, p2, batch_size=config.throughput_batch,
-                                             prompt_len=config.prompt_len, repeats=config.repeats)
+    speed = {"this model": throughputs(cfg, params, half, config)}
+    if config.heavy.enabled:
+        plan = half["global@0.5"]
+        fractions = {lyr: [len(plan.dims[lyr][e]) / w for e, w in enumerate(plan.source_widths[lyr])]
+                     for lyr in plan.experts}
+        hcfg, hparams, hplans = heavy_model(config, fractions)
+        speed[f"expert-heavy model ({evaluation.model_size(hcfg, hparams)['total']:,} params)"] = throughputs(
+            hcfg, hparams, hplans, config)
+        del hparams
+    ablation = {}
+    if config.answer_only_ablation:
+        answer_batches = scoring.calibration_batches(c.data, tokenizer, n_per_domain=c.n_per_domain,
+                                                     seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed,
+                                                     max_rows=c.max_rows, answer_only=True)
+        answer = scoring.collect(cfg, params, answer_batches, ["fisher"], micro_batch_size=c.micro_batch_size,
+                                 progress=False)
+        for ratio in config.ratios:
+            plan = pruning.select(cfg, answer, "fisher", "global", ratio)
+            ablation[ratio] = run(f"answer-only-fisher/global/{ratio:g}", pruning.masks(cfg, plan))
     report = {"model": str(path), "device": jax.devices()[0].device_kind, "calibration_seconds": calib_s,
               "scoring_cost": cost, "baseline": baseline,
               "sweep": {f"{m}/{s}/{r:g}": v for (m, s, r), v in sweep.items()},
               "sensitivity": {f"top{k}/{r}": v for (r, k), v in sensitivity.items()},
-              "memory": memory, "throughput": speed, "seconds": time.perf_counter() - t_start}
+              "memory": memory, "throughput": speed, "seconds": time.perf_counter() - t_start,
+              "answer_only_ablation": {f"{r:g}": v for r, v in ablation.items()}}
     evaluation.atomic_write(workdir / "report.json", json.dumps(evaluation._jsonable(report), indent=1))
-    text = render_report(config, report, baseline, sweep, sensitivity, memory, speed, cost)
+    text = render_report(config, report, baseline, sweep, sensitivity, memory, speed, cost, ablation)
     evaluation.atomic_write(workdir / "report.md", text)
     domains = [d for d in skills.DOMAINS]
     if sweep:
@@ -258,7 +307,7 @@ def _f(x, digits=3):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def render_report(config, report, baseline, sweep, sensitivity, memory, speed, cost) -> str:
+def render_report(config, report, baseline, sweep, sensitivity, memory, speed, cost, ablation) -> str:
     domains = list(skills.DOMAINS)
     head = "| run | " + " | ".join(domains) + " | mean EM | kept | refusal | over-refusal |"
     sep = "|---|" + "---:|" * (len(domains) + 4)
@@ -274,6 +323,11 @@ def render_report(config, report, baseline, sweep, sensitivity, memory, speed, c
              f"Total {report['seconds']:.0f} s.",
              "", "## Method x scope x ratio (routed-expert dims removed)", "", head, sep, row("unpruned", baseline)]
     lines += [row(f"{m} / {s} / {r:g}", v) for (m, s, r), v in sweep.items()]
+    if ablation:
+        lines += ["", "## Ablation: Fisher of the answer tokens only (global scope)", "", head, sep]
+        lines += [row(f"answer-only fisher / global / {r:g}", v) for r, v in ablation.items()]
+        lines += [row(f"full-sequence fisher / global / {r:g}", sweep[("fisher", "global", r)])
+                  for r in ablation if ("fisher", "global", r) in sweep]
     if sensitivity:
         lines += ["", "## Sensitivity: the k highest-ranked dims removed (whole model)", "", head, sep]
         lines += [row(f"top {k} by {r}", v) for (r, k), v in sorted(sensitivity.items())]
@@ -287,14 +341,16 @@ def render_report(config, report, baseline, sweep, sensitivity, memory, speed, c
                  f"{q['params_after']:,} | "
                  f"{q['bytes_bf16_before'] / 2**30:.2f} -> {q['bytes_bf16_after'] / 2**30:.2f} GiB bf16 | "
                  f"{q['saved_fraction']:.1%} (paper: ~45%) |")
-    base = speed["unpruned"]
-    lines += ["", "## Throughput (compacted models, same run)", "",
-              "| model | prefill tok/s | x | decode tok/s | x |", "|---|---:|---:|---:|---:|"]
-    for label, s in speed.items():
-        prefill, decode = s["prefill_tokens_per_s"], s["decode_tokens_per_s"]
-        decode_x = decode / base["decode_tokens_per_s"] if decode and base["decode_tokens_per_s"] else None
-        lines.append(f"| {label} | {prefill:.0f} | {prefill / base['prefill_tokens_per_s']:.2f} | "
-                     f"{_f(decode, 0)} | {_f(decode_x, 2)} |")
+    lines += ["", f"## Throughput (compacted models, same run; batch {config.throughput_batch}, prompt "
+              f"{config.prompt_len}, medians of {config.repeats})", "",
+              "| model | pruning | prefill tok/s | x | decode tok/s | x |", "|---|---|---:|---:|---:|---:|"]
+    for model_name, runs in speed.items():
+        base = runs["unpruned"]
+        for label, s in runs.items():
+            prefill, decode = s["prefill_tokens_per_s"], s["decode_tokens_per_s"]
+            decode_x = decode / base["decode_tokens_per_s"] if decode and base["decode_tokens_per_s"] else None
+            lines.append(f"| {model_name} | {label} | {prefill:.0f} | {prefill / base['prefill_tokens_per_s']:.2f} | "
+                         f"{_f(decode, 0)} | {_f(decode_x, 2)} |")
     lines += ["", f"Scoring cost: the Fisher step (forward + backward to the per-sequence masks, with activation "
               f"statistics) takes {cost['ratio']:.2f}x a plain forward + backward of the loss to the weights, "
               f"per token ({cost['tokens']:.0f} tokens per micro-batch, median of interleaved repeats)."]

@@ -54,19 +54,26 @@ def test_prune_launcher_rejects_unknown_methods(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+HEAVY = ("--config.heavy.hidden_size=32", "--config.heavy.width=16", "--config.heavy.num_experts=4",
+         "--config.heavy.vocab_size=64", "--config.heavy.num_heads=2", "--config.heavy.num_layers=1")
+
+
 @pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="no committed model")
 def test_fisher_moe_reproduction_smoke(tmp_path):
     result = _launch("fisher_moe.py", "fisher_moe_repro.py", tmp_path, "--config.n_per_domain=3",
                      "--config.calibration.n_per_domain=3", "--config.methods=('fisher', 'random')",
                      "--config.scopes=('global',)", "--config.ratios=(0.5,)",
                      "--config.sensitivity_rankings=('fisher',)", "--config.sensitivity_ks=(1, 4)",
-                     "--config.repeats=1", "--config.throughput_batch=2", "--config.prompt_len=8")
+                     "--config.repeats=1", "--config.throughput_batch=2", "--config.prompt_len=8", *HEAVY)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["sweep"]) == {"fisher/global/0.5", "random/global/0.5"}
     assert set(report["sensitivity"]) == {"top1/fisher", "top4/fisher"}
     assert 0.3 < report["memory"]["qwen1.5-moe-a2.7b"]["saved_fraction"] < 0.5
     assert report["scoring_cost"]["ratio"] > 0
+    assert set(report["answer_only_ablation"]) == {"0.5"}
+    heavy = next(v for k, v in report["throughput"].items() if k.startswith("expert-heavy"))
+    assert set(heavy) == {"unpruned", "expert@0.5", "global@0.5"}
     for png in ("sweep.png", "sensitivity.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Memory at 50%" in (tmp_path / "report.md").read_text()
@@ -76,7 +83,7 @@ def test_fisher_moe_reproduction_smoke(tmp_path):
                     "--config.calibration.n_per_domain=3", "--config.methods=('fisher', 'random')",
                     "--config.scopes=('global',)", "--config.ratios=(0.5,)",
                     "--config.sensitivity_rankings=('fisher',)", "--config.sensitivity_ks=(1, 4)",
-                    "--config.repeats=1", "--config.throughput_batch=2", "--config.prompt_len=8")
+                    "--config.repeats=1", "--config.throughput_batch=2", "--config.prompt_len=8", *HEAVY)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "progress.json").read_text()) == before
     assert np.isfinite(report["baseline"]["mean_em"])

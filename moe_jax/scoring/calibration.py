@@ -1,8 +1,13 @@
 """Calibration batches from any `load_texts` source, in the shape `collect` reads.
 
 Skills sources become supervised rows, one example per row (so a per-row Fisher is a
-per-example Fisher), with the loss on the answer by default (the capability is the answer);
-any other text is concatenated and cut into rows of `seq_len + 1` tokens, loss on every token.
+per-example Fisher), with the loss on every token by default; any other text is concatenated
+and cut into rows of `seq_len + 1` tokens, loss on every token.
+
+Why not the answer only: on a model that has learnt a skill, the answer loss is ~0, and so is
+its gradient, so an answer-only Fisher calls the best-learnt skills unimportant. On the
+built-in model it removed safety at 75% global (refusals 0.44-0.60) where the full-sequence
+Fisher kept it at 1.00 (experiments/fisher_moe.py reports both).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from moe_jax.scoring.statistics import ScoringError
 
 
 def calibration_batches(spec: str, tokenizer: Tokenizer, *, n_per_domain: int = 64, seq_len: int = 64,
-                        batch_size: int = 8, seed: int = 0, answer_only: bool = True, column: str = "text",
+                        batch_size: int = 8, seed: int = 0, answer_only: bool = False, column: str = "text",
                         max_rows: int = 0) -> list[dict[str, np.ndarray]]:
     """Batches of `batch_size` rows (the last one may be shorter), in a fixed order.
 
