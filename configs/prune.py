@@ -9,9 +9,12 @@ What it runs:
 3. Collects the statistics the methods need in one calibration pass over ``calibration.data``
    (skills train split by default; any `load_texts` spec), then for each
    ``(method[:scope], ratio)`` in ``methods`` selects a plan, compacts the model, exports it
-   (``export``) and evaluates it as an "after" row. Methods: Fisher-MoE "fisher" and its
-   baselines "grad_abs", "activation", "router_weighted", "magnitude", "random"; scopes
-   "expert" (IntDim-E), "layer" (IntDim-L), "global" (IntDim-G, the default ``scope``).
+   (``export``) and evaluates it as an "after" row. Dim methods (ratio = share of routed-expert
+   dims removed): Fisher-MoE "fisher" and its baselines "grad_abs", "activation",
+   "router_weighted", "magnitude", "random"; scopes "expert" (IntDim-E), "layer" (IntDim-L),
+   "global" (IntDim-G, the default ``scope``). Expert methods (ratio = share of experts
+   removed): MoE Pathfinder "pathfinder" and "frequency", "soft_count", "reap", "recon",
+   "naee", "random_experts"; scopes "uniform" and "global".
 Writes WORKDIR/scores.npz, plans/<run>.json, pruned/<run>/ (HF checkpoint),
 eval/<run>/results.{json,md} + expert_load.png, and WORKDIR/comparison.md.
 
@@ -39,9 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train_steps = 0  # 0: the train config's own step count
     config.tokenizer = "auto"  # "auto" (the checkpoint's own), "byte", or a tokenizer.json path
     config.dtype = "float32"
-    # (method[:scope], ratio) pairs run after the baseline: Fisher-MoE at 50% over the whole
-    # model, against the activation ranking at the same compression.
-    config.methods = (("fisher", 0.5), ("activation", 0.5))
+    # (method[:scope], ratio) pairs run after the baseline: Fisher-MoE removing 50% of the routed
+    # dims over the whole model against the activation ranking, and MoE Pathfinder removing 25%
+    # of the experts against REAP.
+    config.methods = (("fisher", 0.5), ("activation", 0.5), ("pathfinder", 0.25), ("reap", 0.25))
     config.scope = "global"  # for methods named without ":scope"
     config.min_dims_per_expert = 1
     config.drop_empty_experts = False

@@ -39,7 +39,7 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, pruning, scoring  # noqa: E402
+from moe_jax import evaluation, pruning, reporting, scoring  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 from moe_jax.data import skills  # noqa: E402
 from moe_jax.model import transformer  # noqa: E402
@@ -59,44 +59,7 @@ QWEN15_MOE_A27B = {  # config.json of Qwen/Qwen1.5-MoE-A2.7B (no weights needed)
 }
 
 
-# ============================================================================ progress
-class Progress:
-    """A JSON dict of finished evaluations, rewritten atomically after each one."""
-
-    def __init__(self, path: Path, fingerprint: dict):
-        self.path, self.data = path, {"fingerprint": fingerprint, "runs": {}}
-        if path.exists():
-            old = json.loads(path.read_text())
-            if old.get("fingerprint") == fingerprint:
-                self.data = old
-            else:
-                logging.warning("%s belongs to other settings; starting over", path)
-
-    def get(self, key: str):
-        return self.data["runs"].get(key)
-
-    def put(self, key: str, value) -> None:
-        self.data["runs"][key] = value
-        evaluation.atomic_write(self.path, json.dumps(evaluation._jsonable(self.data)))
-
-
 # ============================================================================ pieces
-def evaluate_masks(cfg, params, tokenizer, examples, masks, batch_size) -> dict[str, Any]:
-    """Exact match per domain (+ refusal rates) and answer perplexity of the masked model."""
-    scored = evaluation.exact_match(cfg, params, tokenizer, examples, batch_size, masks=masks)
-    by_domain = {}
-    for ex in examples:
-        by_domain.setdefault(ex.domain, []).append(ex)
-    rows = evaluation.skills_batches(by_domain, tokenizer, batch_size)
-    ppl = evaluation.perplexity(cfg, params, rows, masks)
-    em = scored["per_domain"]
-    out = {d: {"em": em[d]["exact_match"], "ppl": ppl[d]["answer"]} for d in em}
-    out["mean_em"] = float(np.mean([em[d]["exact_match"] for d in em]))
-    if "safety" in em:
-        out["refusal"], out["over_refusal"] = em["safety"]["refusal_rate"], em["safety"]["over_refusal_rate"]
-    return out
-
-
 def top_k_removed_masks(cfg: ModelConfig, ranking: dict[str, np.ndarray], k: int):
     """Masks that remove the k highest-ranked dims of the whole model (NaN = no such dim)."""
     flat = [(cfg.layer_name(lyr), e, j, ranking[cfg.layer_name(lyr)][e, j]) for lyr in cfg.moe_layers
@@ -187,28 +150,6 @@ def memory_table(cfg: ModelConfig, params, plans: dict[str, pruning.PruningPlan]
     return out
 
 
-# ============================================================================ plots
-def plot_lines(path: Path, panels: dict[str, dict[str, tuple[list, list]]], xlabel: str, logx: bool) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(3.4 * len(panels), 3.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (title, lines) in zip(axes, panels.items()):
-        for name, (xs, ys) in lines.items():
-            ax.plot(xs, ys, marker="o", ms=3, label=name)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.set_ylim(-0.02, 1.02)
-        if logx:
-            ax.set_xscale("log", base=2)
-    axes[0].set_ylabel("exact match", fontsize=8)
-    axes[-1].legend(fontsize=7)
-    fig.savefig(str(path.with_suffix(".tmp.png")), dpi=110)
-    path.with_suffix(".tmp.png").replace(path)
-
-
 # ============================================================================ main
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
@@ -237,12 +178,12 @@ def main(argv: list[str]) -> None:
           f"Fisher step / plain fwd+bwd per token = {cost['ratio']:.2f}")
 
     examples = [ex for d in skills.DOMAINS for ex in skills.eval_set(d, config.n_per_domain, config.seed)]
-    progress = Progress(workdir / "progress.json", {"config": config.to_dict(), "model": str(path)})
+    progress = reporting.ResumableRuns(workdir / "progress.json", {"config": config.to_dict(), "model": str(path)})
 
     def run(key: str, masks):
         got = progress.get(key)
         if got is None:
-            got = evaluate_masks(cfg, params, tokenizer, examples, masks, config.batch_size)
+            got = evaluation.skills_scores(cfg, params, tokenizer, examples, masks, config.batch_size)
             progress.put(key, got)
             print(f"{key}: mean EM {got['mean_em']:.3f}")
         return got
@@ -294,12 +235,12 @@ def main(argv: list[str]) -> None:
     if sweep:
         panels = {f"{scope} scope": {m: (list(config.ratios), [sweep[(m, scope, r)]["mean_em"] for r in config.ratios])
                                      for m in config.methods} for scope in config.scopes}
-        plot_lines(workdir / "sweep.png", panels, "ratio of routed dims removed", logx=False)
+        reporting.plot_lines(workdir / "sweep.png", panels, "ratio of routed dims removed", logx=False)
     if sensitivity:
         ks = list(config.sensitivity_ks)
         panels = {d: {r: (ks, [sensitivity[(r, k)][d]["em"] for k in ks]) for r in config.sensitivity_rankings}
                   for d in domains}
-        plot_lines(workdir / "sensitivity.png", panels, "top-k dims removed", logx=True)
+        reporting.plot_lines(workdir / "sensitivity.png", panels, "top-k dims removed", logx=True)
     print(text)
 
 

@@ -39,9 +39,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 Params = dict[str, Any]
 
-# Dim-level methods (Fisher-MoE and its baselines): method -> the statistic that ranks dims.
-METHODS: dict[str, str] = {name: name for name in scoring.DIM_STATISTICS}
-PLANNED = {"pathfinder": "MoE Pathfinder"}
+# method -> the statistics its selection needs. Dim-level (Fisher-MoE and its baselines; scopes
+# expert/layer/global) and whole-expert (MoE Pathfinder and its baselines; scopes uniform/global).
+METHODS: dict[str, tuple[str, ...]] = {name: (name,) for name in scoring.DIM_STATISTICS}
+METHODS.update({"pathfinder": ("trajectory", "routing"), "frequency": ("routing",), "soft_count": ("routing",),
+                "reap": ("routing",), "recon": ("trajectory",), "naee": ("trajectory",), "random_experts": ()})
+PLANNED: dict[str, str] = {}
 
 
 def parse_method(name: str, default_scope: str) -> tuple[str, str]:
@@ -51,8 +54,9 @@ def parse_method(name: str, default_scope: str) -> tuple[str, str]:
     if method not in METHODS:
         later = f" ({PLANNED[method]} lands in a later issue)" if method in PLANNED else ""
         raise ValueError(f"config.methods: method {method!r} is not available{later}; available: {sorted(METHODS)}")
-    if scope not in pruning.SCOPES:
-        raise ValueError(f"config.methods: {name!r} has scope {scope!r}; expected one of {pruning.SCOPES}")
+    scopes = pruning.ALLOCATIONS if method in pruning.EXPERT_METHODS else pruning.SCOPES
+    if scope not in scopes:
+        raise ValueError(f"config.methods: {name!r} has scope {scope!r}; expected one of {scopes}")
     return method, scope
 
 
@@ -158,12 +162,12 @@ def main(argv: list[str]) -> None:
                 "Set e.g. --config.methods=\"(('fisher', 0.5), ('activation:layer', 0.5))\".")
         print(f"\n{note}")
     else:
-        scores = calibrate(cfg, params, tokenizer, config, sorted({METHODS[m] for m, _, _ in methods}), workdir)
+        needed = sorted({s for m, _, _ in methods for s in METHODS[m]}) or ["routing"]
+        scores = calibrate(cfg, params, tokenizer, config, needed, workdir)
     for method, scope, ratio in methods:
         label = run_label(method, scope, ratio)
-        plan = pruning.select(cfg, scores, METHODS[method], scope, ratio,
-                              min_dims_per_expert=config.min_dims_per_expert,
-                              drop_empty_experts=config.drop_empty_experts)
+        plan = pruning.select(cfg, scores, method, scope, ratio, min_dims_per_expert=config.min_dims_per_expert,
+                              drop_empty_experts=config.drop_empty_experts, params=params, seed=config.calibration.seed)
         plan.save(workdir / "plans" / f"{label}.json")
         print(f"\n{plan.summary()}")
         pruned_cfg, pruned_params = pruning.apply(cfg, params, plan)

@@ -453,6 +453,25 @@ def _skills_enabled(settings: EvalSettings, tokenizer: Tokenizer) -> bool:
     return settings.skills == "on"
 
 
+def skills_scores(cfg: ModelConfig, params: Params, tokenizer: Tokenizer, examples: Sequence[skills.Example],
+                  masks: dict | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """Compact per-domain scores of a (masked) model: {domain: {"em", "ppl"}, "mean_em", "refusal",
+    "over_refusal"}; what the pruning studies tabulate for every plan."""
+    scored = exact_match(cfg, params, tokenizer, examples, batch_size, masks=masks)
+    by_domain = {}
+    for ex in examples:
+        by_domain.setdefault(ex.domain, []).append(ex)
+    rows = skills_batches(by_domain, tokenizer, batch_size)
+    ppl = perplexity(cfg, params, rows, masks)
+    em = scored["per_domain"]
+    out = {d: {"em": em[d]["exact_match"], "ppl": ppl[d]["answer"]} for d in em}
+    out["mean_em"] = float(np.mean([em[d]["exact_match"] for d in em]))
+    if "safety" in em:
+        out["refusal"], out["over_refusal"] = em["safety"]["refusal_rate"], em["safety"]["over_refusal_rate"]
+    return out
+
+
+
 # ============================================================================ loading
 def load_model(path: str | os.PathLike, dtype: Any = "float32") -> tuple[ModelConfig, Params]:
     """(cfg, params) of a Hugging Face checkpoint directory, with a clear error if there is none."""

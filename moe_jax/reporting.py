@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -184,3 +187,45 @@ def render_expert_load(load: Mapping[str, Mapping[str, Any]]) -> bytes:
 def plot_expert_load(load: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Write `render_expert_load(load)` to `path` atomically."""
     return atomic_write(path, render_expert_load(load))
+
+
+class ResumableRuns:
+    """Finished evaluations of a study as one JSON file, rewritten atomically after each: a killed
+    study started again with the same fingerprint skips what it has."""
+
+    def __init__(self, path: Path, fingerprint: dict):
+        self.path, self.data = path, {"fingerprint": fingerprint, "runs": {}}
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old.get("fingerprint") == fingerprint:
+                self.data = old
+            else:
+                log.warning("%s belongs to other settings; starting over", path)
+
+    def get(self, key: str):
+        return self.data["runs"].get(key)
+
+    def put(self, key: str, value) -> None:
+        self.data["runs"][key] = value
+        atomic_write(self.path, json.dumps(_jsonable(self.data)))
+
+
+def plot_lines(path: Path, panels: dict[str, dict[str, tuple[list, list]]], xlabel: str, logx: bool) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.4 * len(panels), 3.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, lines) in zip(axes, panels.items()):
+        for name, (xs, ys) in lines.items():
+            ax.plot(xs, ys, marker="o", ms=3, label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+        if logx:
+            ax.set_xscale("log", base=2)
+    axes[0].set_ylabel("exact match", fontsize=8)
+    axes[-1].legend(fontsize=7)
+    fig.savefig(str(path.with_suffix(".tmp.png")), dpi=110)
+    path.with_suffix(".tmp.png").replace(path)

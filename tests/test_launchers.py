@@ -27,11 +27,13 @@ def _launch(script: str, config: str, workdir: Path, *overrides: str, timeout: i
 @pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="no committed model")
 def test_prune_launcher_runs_fisher_and_exports(tmp_path):
     result = _launch("prune.py", "fisher_moe.py", tmp_path, "--config.methods=(('fisher:expert', 0.5), "
-                     "('fisher:global', 0.5))", "--config.eval.n_per_domain=4", "--config.eval.throughput=False",
-                     "--config.calibration.n_per_domain=4")
+                     "('fisher:global', 0.5), ('pathfinder:global', 0.25))", "--config.eval.n_per_domain=4",
+                     "--config.eval.throughput=False", "--config.calibration.n_per_domain=4")
     assert result.returncode == 0, result.stderr[-3000:]
     table = (tmp_path / "comparison.md").read_text()
-    assert "fisher-expert@0.5" in table and "fisher-global@0.5" in table
+    assert "fisher-expert@0.5" in table and "fisher-global@0.5" in table and "pathfinder-global@0.25" in table
+    experts = pruning.PruningPlan.load(tmp_path / "plans" / "pathfinder-global@0.25.json")
+    assert sum(len(v) for v in experts.experts.values()) == 24  # 32 experts, 25% removed
     plan = pruning.PruningPlan.load(tmp_path / "plans" / "fisher-global@0.5.json")
     assert abs(plan.dims_removed_fraction() - 0.5) < 0.01
     cfg, params = hf.load_pretrained(tmp_path / "pruned" / "fisher-global@0.5", dtype="float32")
@@ -49,6 +51,8 @@ def test_prune_launcher_rejects_unknown_methods(tmp_path):
     assert result.returncode != 0 and "'fishr' is not available" in result.stderr
     result = _launch("prune.py", "prune.py", tmp_path, "--config.methods=(('fisher:model', 0.5),)")
     assert result.returncode != 0 and "scope 'model'" in result.stderr
+    result = _launch("prune.py", "prune.py", tmp_path, "--config.methods=(('pathfinder:layer', 0.5),)")
+    assert result.returncode != 0 and "scope 'layer'" in result.stderr
     result = _launch("prune.py", "prune.py", tmp_path, "--config.methods=(('fisher', 1.5),)")
     assert result.returncode != 0 and "must lie in (0, 1)" in result.stderr
     assert not list(tmp_path.iterdir())
@@ -87,3 +91,19 @@ def test_fisher_moe_reproduction_smoke(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "progress.json").read_text()) == before
     assert np.isfinite(report["baseline"]["mean_em"])
+
+
+@pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="no committed model")
+def test_pathfinder_study_smoke(tmp_path):
+    result = _launch("pathfinder.py", "pathfinder.py", tmp_path, "--config.n_per_domain=3",
+                     "--config.calibration.n_per_domain=3", "--config.methods=(('pathfinder', 'global'), "
+                     "('naee', 'uniform'), ('naee', 'global'))", "--config.ratios=(0.25,)", "--config.repeats=1",
+                     "--config.qwen_layer.hidden_size=32", "--config.qwen_layer.num_experts=6",
+                     "--config.qwen_layer.width=16", "--config.qwen_layer.tokens=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["results"]) == {"pathfinder/global/0.25", "naee/uniform/0.25"}  # naee/global is refused
+    assert "use allocation 'uniform'" in result.stdout
+    assert report["results"]["pathfinder/global/0.25"]["routed_bytes_kept"] == 0.75
+    assert report["recon_cost"]["qwen1.5_layer"]["dense_over_routed"] > 0
+    assert (tmp_path / "kept_experts_25.png").read_bytes()[:4] == b"\x89PNG"

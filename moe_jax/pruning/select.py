@@ -35,9 +35,24 @@ def check_ratio(ratio) -> float:
 
 
 def select(cfg: ModelConfig, scores: Scores, method: str = "fisher", scope: str = "global", ratio: float = 0.5,
-           *, min_dims_per_expert: int = 1, drop_empty_experts: bool = False) -> PruningPlan:
-    """A `PruningPlan` that removes `ratio` of the routed-expert dims ranked by ``scores[method]``."""
+           *, min_dims_per_expert: int = 1, drop_empty_experts: bool = False, params: dict | None = None,
+           pathfinder=None, seed: int = 0) -> PruningPlan:
+    """A `PruningPlan` that removes `ratio` of the routed-expert dims ranked by ``scores[method]``.
+
+    Whole-expert methods (`experts.EXPERT_METHODS`: "pathfinder", "frequency", "reap", "naee",
+    ...) remove `ratio` of the experts instead; their scope is the allocation, "uniform" or
+    "global". `params` (NAEE), `pathfinder` (`PathfinderSettings`) and `seed` serve those.
+    """
     ratio = check_ratio(ratio)
+    from moe_jax.pruning import experts  # noqa: PLC0415  (experts imports this module's siblings)
+
+    if method in experts.EXPERT_METHODS:
+        try:
+            scores.check_model(cfg)
+        except ScoringError as err:
+            raise PlanError(str(err)) from None
+        return experts.select_experts(cfg, scores, method, scope, ratio, params=params, settings=pathfinder,
+                                      seed=seed)
     if scope not in SCOPES:
         raise PlanError(f"scope={scope!r}: expected one of {SCOPES}")
     if method not in scores:

@@ -30,6 +30,7 @@ import optax
 
 from moe_jax.config import ModelConfig
 from moe_jax.model import transformer
+from moe_jax.scoring import trajectory
 from moe_jax.scoring.statistics import (
     DIM_STATISTICS,
     STATISTICS,
@@ -46,6 +47,7 @@ Params = dict[str, Any]
 Batch = Mapping[str, np.ndarray] | np.ndarray
 _GRAD_STATS = ("fisher", "grad_abs")
 _ACT_STATS = ("activation", "router_weighted", "routing")
+_TRAJ_STATS = ("trajectory", "recon_dense")
 _STATE_VERSION = 1
 
 
@@ -97,11 +99,14 @@ def _ones_masks(cfg: ModelConfig, batch_size: int) -> dict[str, dict[str, jax.Ar
             for i in cfg.moe_layers}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "want_grad", "want_acts", "impl"))
-def _score_step(cfg: ModelConfig, params: Params, rows, *, want_grad: bool, want_acts: bool, impl: str):
-    """Sums over one micro-batch: {stat: {layer: array}} plus token and sequence counts."""
+@functools.partial(jax.jit, static_argnames=("cfg", "want_grad", "want_acts", "want_traj", "want_dense", "impl"))
+def _score_step(cfg: ModelConfig, params: Params, rows, *, want_grad: bool, want_acts: bool, impl: str,
+                want_traj: bool = False, want_dense: bool = False):
+    """Sums over one micro-batch: {stat: {layer: array}}, token and sequence counts, and
+    per-sequence arrays {stat: {layer: (B, E)}} (trajectory statistics only)."""
     B = rows["inputs"].shape[0]
-    capture = ("activations", "routing") if want_acts else ()
+    capture = (("activations", "routing") if want_acts else ()) + (("routing", "moe_inputs") if want_traj else ())
+    capture = tuple(dict.fromkeys(capture))
     token_weight_B = rows["weights"].sum(-1)
 
     def loss(masks):
@@ -133,8 +138,26 @@ def _score_step(cfg: ModelConfig, params: Params, rows, *, want_grad: bool, want
             sums.setdefault("count", {})[name] = a["count"]
             sums.setdefault("weighted_out_norm_sum", {})[name] = a["weighted_out_norm_sum"]
             sums.setdefault("prob_mass", {})[name] = jnp.sum(a["scores_TE"] * valid_BT[..., None], axis=(0, 1))
-    counts = {"tokens": valid_BT.sum(), "sequences": (token_weight_B > 0).sum()}
-    return sums, counts
+    per_seq: dict[str, dict[str, jax.Array]] = {}
+    if want_traj:
+        layers = list(cfg.moe_layers)
+        for n, i in enumerate(layers):
+            name = cfg.layer_name(i)
+            layer_sums, seq = trajectory.layer_trajectory(cfg, params, i, aux[name], valid_BT, dense=want_dense,
+                                                          impl=impl)
+            for k, v in layer_sums.items():
+                sums.setdefault(k, {})[name] = v
+            for k, v in seq.items():
+                per_seq.setdefault(k, {})[name] = v
+            sums.setdefault("count_traj", {})[name] = seq["seq_count"].sum(0)
+            if n + 1 < len(layers):
+                nxt = cfg.layer_name(layers[n + 1])
+                sums.setdefault("transitions", {})[name] = trajectory.transitions(
+                    aux[name]["idx_TK"], aux[nxt]["idx_TK"], valid_BT, cfg.experts_per_layer[i],
+                    cfg.experts_per_layer[layers[n + 1]])
+            per_seq.setdefault("moe_input", {})[name] = aux[name]["x"]
+    counts = {"tokens": valid_BT.sum(), "sequences": (token_weight_B > 0).sum(), "valid_BT": valid_BT}
+    return sums, counts, per_seq
 
 
 # ============================================================================ state
@@ -147,18 +170,36 @@ class _State:
         self.num_tokens = 0
         self.num_sequences = 0
         self.sums: dict[str, dict[str, np.ndarray]] = {}
+        self.rows: dict[str, dict[str, np.ndarray]] = {}  # per-sequence (S, E) arrays, and the input sample
+        self.sample_tokens = 0
 
-    def add(self, sums, counts) -> None:
-        sums, counts = jax.device_get((sums, counts))
+    def add(self, sums, counts, per_seq=None) -> None:
+        sums, counts, per_seq = jax.device_get((sums, counts, per_seq or {}))
         for stat, per_layer in sums.items():
             acc = self.sums.setdefault(stat, {})
             for layer, arr in per_layer.items():
                 acc[layer] = acc.get(layer, 0.0) + np.asarray(arr, np.float64)
         self.num_tokens += int(counts["tokens"])
         self.num_sequences += int(counts["sequences"])
+        real_B = np.asarray(counts["valid_BT"]).any(-1)  # padding rows of a short micro-batch carry nothing
+        valid = np.asarray(counts["valid_BT"]).reshape(-1)
+        for stat, per_layer in per_seq.items():
+            acc = self.rows.setdefault(stat, {})
+            for layer, arr in per_layer.items():
+                if stat == "moe_input":  # a sample of real-token inputs, for NAEE's subset search
+                    have = len(acc.get(layer, ()))
+                    flat = np.asarray(arr, np.float32).reshape(-1, arr.shape[-1])[valid]
+                    take = flat[:max(0, self.sample_cap - have)]
+                    acc[layer] = np.concatenate([acc[layer], take]) if layer in acc else take
+                else:
+                    new = np.asarray(arr, np.float64)[real_B]
+                    acc[layer] = np.concatenate([acc[layer], new]) if layer in acc else new
+
+    sample_cap = 0
 
     def save(self, path: Path) -> None:
         arrays = {f"{s}/{lyr}": a for s, per in self.sums.items() for lyr, a in per.items()}
+        arrays.update({f"rows:{s}/{lyr}": a for s, per in self.rows.items() for lyr, a in per.items()})
         header = {"version": _STATE_VERSION, "fingerprint": self.fingerprint, "batches_done": self.batches_done,
                   "num_tokens": self.num_tokens, "num_sequences": self.num_sequences}
         arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
@@ -182,7 +223,10 @@ class _State:
         state.num_sequences = header["num_sequences"]
         for key, arr in arrays.items():
             stat, layer = key.split("/", 1)
-            state.sums.setdefault(stat, {})[layer] = arr
+            if stat.startswith("rows:"):
+                state.rows.setdefault(stat[5:], {})[layer] = arr
+            else:
+                state.sums.setdefault(stat, {})[layer] = arr
         return state
 
 
@@ -200,14 +244,16 @@ def _fingerprint(cfg: ModelConfig, params: Params, statistics: Sequence[str], mi
 def collect(cfg: ModelConfig, params: Params, batches: Iterable[Batch], statistics: Sequence[str] = ("fisher",),
             *, micro_batch_size: int = 8, seed: int = 0, impl: str = "auto",
             checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 20,
-            data_id: str = "", progress: bool = True, total: int | None = None) -> Scores:
+            data_id: str = "", progress: bool = True, total: int | None = None,
+            sample_tokens: int = 256) -> Scores:
     """Accumulate `statistics` (any of `STATISTICS`) over `batches` and return `Scores`.
 
     batches: an iterable of pipeline batch dicts or (B, T+1) token arrays, the same sequence
     on every call if a run is to resume. micro_batch_size: rows per compiled step (the last
     micro-batch is padded with empty rows). checkpoint_path: an .npz to save progress to and
     resume from; it is refused if the model, statistics, settings or `data_id` (any string that
-    names the calibration data) differ from the run that wrote it.
+    names the calibration data) differ from the run that wrote it. sample_tokens: MoE inputs kept
+    per layer for NAEE's subset search ("trajectory" only).
     """
     statistics = tuple(dict.fromkeys(statistics))
     unknown = sorted(set(statistics) - set(STATISTICS))
@@ -219,19 +265,23 @@ def collect(cfg: ModelConfig, params: Params, batches: Iterable[Batch], statisti
         raise ScoringError(f"model {cfg.model_type} has no MoE layers to score")
     want_grad = any(s in statistics for s in _GRAD_STATS)
     want_acts = any(s in statistics for s in _ACT_STATS)
+    want_traj = any(s in statistics for s in _TRAJ_STATS)
+    want_dense = "recon_dense" in statistics
     fingerprint = _fingerprint(cfg, params, statistics, micro_batch_size, seed, data_id)
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     state = _State.restore(ckpt, fingerprint) if ckpt and ckpt.exists() else _State(fingerprint)
+    state.sample_cap = sample_tokens if want_traj else 0
     if state.batches_done:
         log.info("scoring: resuming from %s after %d batches", ckpt, state.batches_done)
 
-    if want_grad or want_acts:
+    if want_grad or want_acts or want_traj:
         bar = _progress(total, state.batches_done, progress)
         for index, batch in enumerate(batches):
             if index < state.batches_done:
                 continue
             for chunk in micro_batches(calibration_rows(batch), micro_batch_size):
-                state.add(*_score_step(cfg, params, chunk, want_grad=want_grad, want_acts=want_acts, impl=impl))
+                state.add(*_score_step(cfg, params, chunk, want_grad=want_grad, want_acts=want_acts, impl=impl,
+                                       want_traj=want_traj, want_dense=want_dense))
             state.batches_done = index + 1
             bar.update(1)
             if ckpt and state.batches_done % checkpoint_every == 0:
@@ -243,6 +293,10 @@ def collect(cfg: ModelConfig, params: Params, batches: Iterable[Batch], statisti
             raise ScoringError("no calibration tokens: the batches were empty or every loss weight was 0 "
                                f"({state.batches_done} batches seen); give batches with real tokens")
     return _finish(cfg, params, state, statistics, seed)
+
+
+def want_traj_stats(statistics) -> bool:
+    return any(s in statistics for s in _TRAJ_STATS)
 
 
 def _progress(total, initial, enabled):
@@ -280,6 +334,15 @@ def _finish(cfg: ModelConfig, params: Params, state: _State, statistics: Sequenc
         values["expert_prob_mass"] = {lyr: sums["prob_mass"][lyr] for lyr in widths}
         values["expert_reap"] = {lyr: sums["weighted_out_norm_sum"][lyr] / np.maximum(sums["count"][lyr], 1.0)
                                  for lyr in widths}
+    if want_traj_stats(statistics):
+        count = {lyr: np.maximum(sums["count_traj"][lyr], 1.0) for lyr in widths}
+        values["expert_recon_routed"] = {lyr: sums["recon_routed_sum"][lyr] / count[lyr] for lyr in widths}
+        values["transitions"] = dict(sums.get("transitions", {}))
+        for stat in ("seq_count", "seq_prob_mass", "seq_strength", "seq_recon_routed"):
+            values[stat] = dict(state.rows[stat])
+        values["moe_input_sample"] = dict(state.rows["moe_input"])
+    if "recon_dense" in statistics:
+        values["expert_recon_dense"] = {lyr: sums["recon_dense_sum"][lyr] / max(state.num_tokens, 1) for lyr in widths}
     scores = Scores(values, widths, state.num_sequences, state.num_tokens,
                     {"statistics": list(statistics), "seed": seed, "batches": state.batches_done})
     scores.check_finite()

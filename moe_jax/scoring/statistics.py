@@ -15,6 +15,10 @@ NaN beyond each expert's real width:
 Per expert, arrays (E,) (the "routing" statistic): expert_count (routed valid tokens),
 expert_prob_mass (sum of router scores over valid tokens), expert_reap (mean g * ||f_e(x)||
 over routed tokens: REAP's saliency).
+
+"trajectory" (see `trajectory.py`): expert_recon_routed (E,), seq_count / seq_prob_mass /
+seq_strength / seq_recon_routed (S, E) per calibration sequence, transitions (E_l, E_next)
+keyed by the earlier MoE layer, moe_input_sample (N, D). "recon_dense": expert_recon_dense (E,).
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from moe_jax.model.layout import expert_weight
 
 DIM_STATISTICS = ("fisher", "grad_abs", "activation", "router_weighted", "magnitude", "random")
 EXPERT_STATISTICS = ("expert_count", "expert_prob_mass", "expert_reap")
-# What `collect` accepts: each dim statistic by name, plus "routing" for the per-expert ones.
-STATISTICS = DIM_STATISTICS + ("routing",)
+# What `collect` accepts: each dim statistic by name, "routing" for the per-expert ones,
+# "trajectory" for Pathfinder's (per-sequence, transitions, routed reconstruction error, an
+# input sample) and "recon_dense" for the reference code's every-expert reconstruction error.
+STATISTICS = DIM_STATISTICS + ("routing", "trajectory", "recon_dense")
 
 
 class ScoringError(ValueError):
@@ -69,6 +75,11 @@ class Scores:
         """NaN or inf inside a real dimension is an error naming the statistic, layer and expert."""
         for name, per_layer in self.values.items():
             for layer, arr in per_layer.items():
+                if name not in DIM_STATISTICS and name not in EXPERT_STATISTICS and not name.startswith("expert_"):
+                    if not np.all(np.isfinite(arr)):
+                        raise ScoringError(f"statistic {name!r}, {layer}: non-finite values; the calibration "
+                                           "pass diverged (check the model's dtype and the calibration data)")
+                    continue
                 for e, width in enumerate(self.widths[layer]):
                     row = arr[e, :width] if arr.ndim == 2 else arr[e:e + 1]
                     if not np.all(np.isfinite(row)):

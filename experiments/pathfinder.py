@@ -1,0 +1,215 @@
+"""MoE Pathfinder against the expert-pruning baselines on the built-in model; markdown + PNG.
+
+    python experiments/pathfinder.py --config=configs/pathfinder.py --workdir=/tmp/pathfinder
+
+1. One calibration pass collects routing and trajectory statistics (per-sequence routing
+   mass and activation strength, routed reconstruction error, layer-to-layer transitions, an
+   input sample for NAEE), timed; the reference code's `dense` reconstruction error is timed
+   separately, on this model and on a Qwen1.5-MoE-shaped layer (random weights).
+2. method x allocation x ratio of experts removed: each plan simulated with expert masks
+   (exactly the compacted model's logits) -> exact match per domain, refusal rates, answer
+   perplexity, routed-expert bytes of the compacted model.
+3. A heatmap of experts kept per layer, Pathfinder (global) vs uniform allocation.
+
+Results: WORKDIR/report.md, report.json, kept_experts.png; progress.json makes it resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from moe_jax import evaluation, pruning, reporting, scoring  # noqa: E402
+from moe_jax.config import ModelConfig  # noqa: E402
+from moe_jax.data import skills  # noqa: E402
+from moe_jax.model import transformer  # noqa: E402
+from moe_jax.scoring import trajectory  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to configs/pathfinder.py.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where the report, plots and resumable progress go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def recon_cost(cfg: ModelConfig, params, layer: int, x_TD, repeats: int) -> dict[str, float]:
+    """Seconds of the routed and of the dense reconstruction error of one MoE layer on x_TD."""
+    from moe_jax.model import moe
+
+    @jax.jit
+    def routed(params, x):
+        moe_params = params[cfg.layer_name(layer)]["moe"]
+        r = moe.route(cfg, layer, moe_params, x)
+        f = trajectory.per_choice_outputs(cfg, params, layer, x, r.idx_TK)
+        return trajectory.routed_recon(f, r.weights_TK, r.idx_TK, jnp.ones(x.shape[0]), cfg.experts_per_layer[layer])[0]
+
+    @jax.jit
+    def dense(params, x):
+        moe_params = params[cfg.layer_name(layer)]["moe"]
+        r = moe.route(cfg, layer, moe_params, x)
+        y = moe.experts_forward(cfg, layer, moe_params["experts"], x, r)[0]
+        return trajectory.dense_recon(cfg, params, layer, x, y, jnp.ones(x.shape[0]))
+
+    out = {}
+    for name, fn in (("routed", routed), ("dense", dense)):
+        jax.block_until_ready(fn(params, x_TD))
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(params, x_TD))
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_s"] = float(np.median(times))
+    out["dense_over_routed"] = out["dense_s"] / out["routed_s"]
+    out["experts_over_top_k"] = cfg.experts_per_layer[layer] / cfg.num_experts_per_tok
+    return out
+
+
+def qwen15_layer(config):
+    """One Qwen1.5-MoE-A2.7B-shaped MoE layer (60 experts x 1408, top-4, hidden 2048), random
+    float32 weights (CPUs have no fast bf16 matmul)."""
+    q = config.qwen_layer
+    cfg = ModelConfig.create(model_type="qwen2_moe", vocab_size=64, hidden_size=q.hidden_size, num_layers=1,
+                             num_heads=16, num_kv_heads=16, head_dim=q.hidden_size // 16, num_experts=q.num_experts,
+                             num_experts_per_tok=q.top_k, moe_intermediate_size=q.width, max_position_embeddings=64)
+    params = transformer.init(cfg, jax.random.PRNGKey(0))
+    params["layer_0"]["moe"]["router"]["kernel"] = params["layer_0"]["moe"]["router"]["kernel"] * 50.0
+    x = jax.random.normal(jax.random.PRNGKey(1), (q.tokens, q.hidden_size), jnp.float32)
+    return cfg, params, x
+
+
+def plot_kept(path: Path, cfg: ModelConfig, plans: dict[str, pruning.PruningPlan]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2.6 * len(plans) + 1, 0.5 * len(cfg.moe_layers) + 1.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(plans), squeeze=False)[0]
+    for ax, (label, plan) in zip(axes, plans.items()):
+        grid = np.zeros((len(cfg.moe_layers), cfg.max_experts))
+        for i, lyr in enumerate(cfg.moe_layers):
+            grid[i, list(plan.experts[lyr])] = 1.0
+        ax.imshow(grid, cmap="Greens", vmin=0, vmax=1, aspect="auto")
+        ax.set_title(f"{label}\n(kept per layer: {[len(plan.experts[lyr]) for lyr in cfg.moe_layers]})", fontsize=8)
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(len(cfg.moe_layers)), [f"layer {lyr}" for lyr in cfg.moe_layers], fontsize=7)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(str(tmp), dpi=110)
+    tmp.replace(path)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    config, workdir = FLAGS.config, Path(FLAGS.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = Path(config.model_path).expanduser() if config.model_path else REPO / config.checkpoint
+    cfg, params = evaluation.load_model(path, "float32")
+    tokenizer = evaluation.load_eval_tokenizer("auto", path, cfg)
+    t_start = time.perf_counter()
+    c = config.calibration
+    batches = scoring.calibration_batches(c.data, tokenizer, n_per_domain=c.n_per_domain, seq_len=c.seq_len,
+                                          batch_size=c.batch_size, seed=c.seed, max_rows=c.max_rows)
+    timings = {}
+    for stats in (["routing"], ["routing", "trajectory"], ["routing", "trajectory", "recon_dense"]):
+        t0 = time.perf_counter()
+        scores = scoring.collect(cfg, params, batches, stats, micro_batch_size=c.micro_batch_size, seed=c.seed,
+                                 progress=False)
+        timings["+".join(stats)] = time.perf_counter() - t0
+    scores.save(workdir / "scores.npz")
+    cost_here = recon_cost(cfg, params, cfg.moe_layers[0],
+                           jnp.asarray(scores["moe_input_sample"][cfg.layer_name(cfg.moe_layers[0])]), config.repeats)
+    qcfg, qparams, qx = qwen15_layer(config)
+    cost_qwen = recon_cost(qcfg, qparams, 0, qx, 1)
+    del qparams
+    print(f"calibration seconds {timings}; dense/routed recon: here {cost_here['dense_over_routed']:.1f}x, "
+          f"Qwen1.5-shaped layer {cost_qwen['dense_over_routed']:.1f}x "
+          f"(E/top_k = {cost_qwen['experts_over_top_k']:.0f})")
+
+    examples = [ex for d in skills.DOMAINS for ex in skills.eval_set(d, config.n_per_domain, config.seed)]
+    runs = reporting.ResumableRuns(workdir / "progress.json", {"config": config.to_dict(), "model": str(path)})
+
+    def run(key: str, masks):
+        got = runs.get(key)
+        if got is None:
+            got = evaluation.skills_scores(cfg, params, tokenizer, examples, masks, config.batch_size)
+            runs.put(key, got)
+            print(f"{key}: mean EM {got['mean_em']:.3f}")
+        return got
+
+    baseline = run("baseline", None)
+    settings = pruning.PathfinderSettings(**config.pathfinder.to_dict())
+    results, plans = {}, {}
+    for method, allocation in config.methods:
+        for ratio in config.ratios:
+            try:
+                plan = pruning.select(cfg, scores, method, allocation, ratio, params=params, pathfinder=settings,
+                                      seed=config.seed)
+            except pruning.PlanError as err:
+                print(f"{method}/{allocation}/{ratio:g}: skipped ({err})")
+                continue
+            plans[(method, allocation, ratio)] = plan
+            got = dict(run(f"{method}/{allocation}/{ratio:g}", pruning.masks(cfg, plan)))
+            c2, _ = cfg, None
+            for lyr in cfg.moe_layers:
+                c2 = c2.with_layer_experts(lyr, plan.kept_widths(lyr))
+            got["routed_bytes_kept"] = pruning.routed_bytes(c2) / pruning.routed_bytes(cfg)
+            got["experts_per_layer"] = [len(plan.experts[lyr]) for lyr in cfg.moe_layers]
+            results[(method, allocation, ratio)] = got
+    for ratio in config.ratios:
+        shown = {f"{m}/{a}": p for (m, a, r), p in plans.items() if r == ratio and m in ("pathfinder", "frequency")}
+        if shown:
+            plot_kept(workdir / f"kept_experts_{int(ratio * 100)}.png", cfg, shown)
+    report = {"model": str(path), "device": jax.devices()[0].device_kind, "calibration_seconds": timings,
+              "recon_cost": {"this_model_layer": cost_here, "qwen1.5_layer": cost_qwen}, "baseline": baseline,
+              "results": {f"{m}/{a}/{r:g}": v for (m, a, r), v in results.items()},
+              "seconds": time.perf_counter() - t_start}
+    reporting.atomic_write(workdir / "report.json", json.dumps(reporting._jsonable(report), indent=1))
+    text = render(config, report, baseline, results)
+    reporting.atomic_write(workdir / "report.md", text)
+    print(text)
+
+
+def _f(x, digits=3):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def render(config, report, baseline, results) -> str:
+    domains = list(skills.DOMAINS)
+    head = "| run | experts/layer | " + " | ".join(domains) + " | mean EM | refusal | over-refusal | expert bytes |"
+    sep = "|---|---|" + "---:|" * (len(domains) + 4)
+    lines = [f"# MoE Pathfinder on {Path(report['model']).name}", "",
+             f"Device: {report['device']}; {config.n_per_domain} held-out prompts per domain; calibration "
+             f"{config.calibration.data} ({config.calibration.n_per_domain}/domain). Total {report['seconds']:.0f} s.",
+             "", "## Experts removed", "", head, sep,
+             "| unpruned | all | " + " | ".join(_f(baseline[d]["em"], 2) for d in domains) +
+             f" | {_f(baseline['mean_em'])} | {_f(baseline.get('refusal'), 2)} | "
+             f"{_f(baseline.get('over_refusal'), 2)} | 1.00 |"]
+    for (m, a, r), v in sorted(results.items(), key=lambda x: (x[0][2], -x[1]["mean_em"])):
+        lines.append(f"| {m} / {a} / {r:g} | {v['experts_per_layer']} | " +
+                     " | ".join(_f(v[d]["em"], 2) for d in domains) +
+                     f" | {_f(v['mean_em'])} | {_f(v.get('refusal'), 2)} | {_f(v.get('over_refusal'), 2)} | "
+                     f"{v['routed_bytes_kept']:.2f} |")
+    t = report["calibration_seconds"]
+    lines += ["", "## Calibration cost", "", "| statistics | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]
+    for label, cost in report["recon_cost"].items():
+        lines.append(f"\n{label}: routed reconstruction error {cost['routed_s'] * 1e3:.1f} ms, dense "
+                     f"{cost['dense_s'] * 1e3:.1f} ms: dense / routed = {cost['dense_over_routed']:.1f}x "
+                     f"(E / top_k = {cost['experts_over_top_k']:.0f}).")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    app.run(main)

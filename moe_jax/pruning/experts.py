@@ -1,0 +1,131 @@
+"""Whole-expert pruning: Pathfinder and the expert-level baselines, as `PruningPlan`s.
+
+Methods (``ratio`` = fraction of routed experts removed):
+  pathfinder  experts on the most calibration trajectories (`pathfinder.py`)
+  frequency   most routed tokens                     soft_count  most router probability mass
+  reap        largest mean g * ||f_e(x)|| (REAP)     recon       largest routed reconstruction error
+  naee        per layer, the subset whose outputs best reconstruct the full layer's on a token
+              sample (NAEE): exhaustive when C(E, r) <= 10,000, greedy backward elimination beyond
+  random      seeded
+Allocations: "uniform" (each layer removes the same share) and "global" (one budget over the
+model; every layer keeps >= top_k). NAEE is per layer, so uniform only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax.config import ModelConfig
+from moe_jax.model import moe
+from moe_jax.pruning import pathfinder as pf
+from moe_jax.pruning.plan import PlanError, PruningPlan
+from moe_jax.scoring.statistics import Scores
+
+EXPERT_METHODS = ("pathfinder", "frequency", "soft_count", "reap", "recon", "naee", "random_experts")
+ALLOCATIONS = ("uniform", "global")
+NAEE_EXHAUSTIVE_LIMIT = 10_000
+_SIGNAL = {"frequency": "expert_count", "soft_count": "expert_prob_mass", "reap": "expert_reap",
+           "recon": "expert_recon_routed"}
+
+
+def select_experts(cfg: ModelConfig, scores: Scores, method: str, allocation: str, ratio: float, *,
+                   params: dict | None = None, settings: pf.PathfinderSettings | None = None,
+                   seed: int = 0) -> PruningPlan:
+    """A plan keeping whole experts (all their dims) chosen by `method` under `allocation`."""
+    if method not in EXPERT_METHODS:
+        raise PlanError(f"method={method!r}: expected one of {EXPERT_METHODS}")
+    if allocation not in ALLOCATIONS:
+        raise PlanError(f"allocation={allocation!r} for expert pruning: expected one of {ALLOCATIONS}")
+    names = [cfg.layer_name(i) for i in cfg.moe_layers]
+    meta: dict[str, Any] = {"unit": "experts"}
+    if method == "pathfinder":
+        settings = settings or pf.PathfinderSettings()
+        priority = pf.path_frequency(cfg, scores, settings)
+        tiebreak = [np.asarray(scores["seq_prob_mass"][n]).sum(0) for n in names]
+        kept = pf.keep_by_priority(cfg, priority, tiebreak, ratio, allocation,
+                                   pf.force_keep(cfg, scores, settings.force_keep_z))
+        meta["path_frequency"] = [p.tolist() for p in priority]
+    elif method == "naee":
+        if allocation != "uniform":
+            raise PlanError("naee searches each layer separately: use allocation 'uniform'")
+        if params is None:
+            raise PlanError("naee needs the model params (it runs the experts on the calibration sample)")
+        kept, errors = {}, {}
+        for lyr in cfg.moe_layers:
+            n_keep = cfg.experts_per_layer[lyr] - int(round(ratio * cfg.experts_per_layer[lyr]))
+            kept[lyr], errors[lyr] = naee_layer(cfg, params, lyr, _sample(scores, cfg.layer_name(lyr)), n_keep)
+        meta["naee_error"] = errors
+    else:
+        if method == "random_experts":
+            rng = np.random.default_rng([seed, 4242])
+            priority = [rng.uniform(size=cfg.experts_per_layer[i]) for i in cfg.moe_layers]
+        else:
+            if _SIGNAL[method] not in scores:
+                raise PlanError(f"method {method!r} needs the statistic {_SIGNAL[method]!r}; collect "
+                                f"{'routing' if method in ('frequency', 'soft_count', 'reap') else 'trajectory'}")
+            priority = [np.asarray(scores[_SIGNAL[method]][n], np.float64) for n in names]
+        kept = pf.keep_by_priority(cfg, priority, [np.zeros_like(p) for p in priority], ratio, allocation)
+    widths = {i: tuple(cfg.expert_widths[i]) for i in cfg.moe_layers}
+    dims = {i: {e: tuple(range(widths[i][e])) for e in kept[i]} for i in cfg.moe_layers}
+    plan = PruningPlan(method, allocation, float(ratio), widths, {i: tuple(kept[i]) for i in cfg.moe_layers}, dims,
+                       {**meta, "calibration_sequences": scores.num_sequences})
+    plan.check(cfg)
+    return plan
+
+
+def _sample(scores: Scores, name: str) -> np.ndarray:
+    if "moe_input_sample" not in scores or not len(scores["moe_input_sample"][name]):
+        raise PlanError("naee needs MoE inputs of calibration tokens: collect with 'trajectory' (empty sample)")
+    return np.asarray(scores["moe_input_sample"][name], np.float32)
+
+
+def naee_layer(cfg: ModelConfig, params: dict, layer: int, x_ND: np.ndarray, n_keep: int
+               ) -> tuple[tuple[int, ...], float]:
+    """The n_keep experts whose routing-restricted output is closest (mean squared) to the full one."""
+    E, K = cfg.experts_per_layer[layer], cfg.num_experts_per_tok
+    if n_keep < K:
+        raise PlanError(f"naee: layer {layer} would keep {n_keep} experts, fewer than top_k={K}")
+    error = _subset_error_fn(cfg, params, layer, jnp.asarray(x_ND))
+    if math.comb(E, n_keep) <= NAEE_EXHAUSTIVE_LIMIT:
+        subsets = np.array(list(itertools.combinations(range(E), n_keep)))
+        masks = np.zeros((len(subsets), E), np.float32)
+        np.put_along_axis(masks, subsets, 1.0, axis=1)
+        errs = np.concatenate([np.asarray(error(jnp.asarray(masks[i:i + 256]))) for i in range(0, len(masks), 256)])
+        best = int(np.argmin(errs))
+        return tuple(int(e) for e in subsets[best]), float(errs[best])
+    keep = list(range(E))
+    err = float("nan")
+    while len(keep) > n_keep:  # greedy: drop the expert whose removal hurts least
+        masks = np.zeros((len(keep), E), np.float32)
+        for i, drop in enumerate(keep):
+            masks[i, [e for e in keep if e != drop]] = 1.0
+        errs = np.asarray(error(jnp.asarray(masks)))
+        i = int(np.argmin(errs))
+        err = float(errs[i])
+        keep.pop(i)
+    return tuple(keep), err
+
+
+def _subset_error_fn(cfg: ModelConfig, params: dict, layer: int, x_ND):
+    """masks (M, E) -> (M,) mean ||y_full - y_subset||^2 over the sample, routing re-run per subset."""
+    moe_params = params[cfg.layer_name(layer)]["moe"]
+    experts = moe_params["experts"]
+    E, N = cfg.experts_per_layer[layer], x_ND.shape[0]
+    ones = jnp.ones((N, 1), jnp.float32)
+    outs_END = jnp.stack([moe.experts_forward(cfg, layer, experts, x_ND, (jnp.full((N, 1), e, jnp.int32), ones))[0]
+                          for e in range(E)])
+
+    def output(expert_mask):
+        mask_NE = None if expert_mask is None else jnp.broadcast_to(expert_mask, (N, E))
+        r = moe.route(cfg, layer, moe_params, x_ND, expert_mask=mask_NE)
+        picked_NKD = outs_END[r.idx_TK, jnp.arange(N)[:, None]]
+        return jnp.einsum("nk,nkd->nd", r.weights_TK, picked_NKD)
+
+    full = output(None)
+    return jax.jit(jax.vmap(lambda m: jnp.mean(jnp.sum((output(m) - full) ** 2, -1))))

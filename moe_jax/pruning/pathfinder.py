@@ -1,0 +1,200 @@
+"""MoE Pathfinder: experts chosen by the trajectories tokens take through the layers.
+
+The MoE is a layered graph: source -> experts of MoE layer 1 -> ... -> experts of the last
+MoE layer -> sink. For each calibration sequence the node weight of expert e in layer l is
+
+    w_prob * log p(e) + w_strength * log a(e) + w_recon * log softmax(z(e) / tau)
+
+with p the sequence's router probability mass and a its activation strength sum of
+g * ||f_e(x)|| (each normalised over the layer's experts), and z the expert's reconstruction
+signal scaled by the layer mean: the `routed` error of removing e (large = important) or the
+reference code's `dense` error ||y - f_e(x)|| (small = important, so z = -error). An edge
+i -> j between consecutive MoE layers weighs w_transition * log P(j | i), the transition
+frequencies of the calibration tokens (add-one smoothed).
+
+Why these defaults (all weights 1, tau 1, 10 paths per sequence): each signal is a log
+probability on the same scale, so equal weights let none dominate; the routed reconstruction
+error replaces the dense one because it costs one routed pass instead of E/top_k; transitions
+make a path a trajectory tokens really take, rather than a product of per-layer choices.
+
+`k_best_paths` finds each sequence's k best paths by dynamic programming in log space (a
+k-best Viterbi); experts are then kept by how many paths run through them, up to one global
+budget, never fewer than top_k per layer, optionally force-keeping outliers of probability
+mass. Layers end up with different expert counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from moe_jax.config import ModelConfig
+from moe_jax.pruning.plan import PlanError
+from moe_jax.scoring.statistics import Scores
+
+_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class PathfinderSettings:
+    w_prob: float = 1.0
+    w_strength: float = 1.0
+    w_recon: float = 1.0
+    w_transition: float = 1.0
+    tau: float = 1.0
+    recon: str = "routed"  # or "dense" (needs the "recon_dense" statistic)
+    path_topk: int = 10
+    max_sequences: int = 0  # 0: every calibration sequence gets its own graph
+    force_keep_z: float = 0.0  # > 0: keep experts whose probability mass z-score in their layer exceeds it
+
+
+def k_best_paths(node: Sequence[np.ndarray], edge: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k highest-scoring paths through a layered graph, best first.
+
+    node[l]: (E_l,) log weights; edge[l]: (E_l, E_{l+1}) log weights. Returns (paths (k', L)
+    int, scores (k',)) with k' = min(k, number of paths). Per layer it keeps, for every node,
+    the k best partial paths ending there: O(sum_l E_l * E_{l+1} * k).
+    """
+    if k < 1 or not node:
+        raise PlanError(f"k_best_paths: need k >= 1 and at least one layer (k={k}, layers={len(node)})")
+    best = np.asarray(node[0], np.float64)[:, None]  # (E_0, kk): the kk best partial paths ending at each node
+    backs = []
+    for lyr in range(1, len(node)):
+        e_prev, kk = best.shape
+        # (E_l, E_prev * kk), rows contiguous so the per-node top-k is a fast row-wise partition.
+        cand = (np.asarray(edge[lyr - 1], np.float64).T[:, :, None] + best[None, :, :]).reshape(-1, e_prev * kk)
+        keep = min(k, cand.shape[1])
+        top = (np.argpartition(-cand, keep - 1, axis=1)[:, :keep] if keep < cand.shape[1]
+               else np.broadcast_to(np.arange(cand.shape[1]), cand.shape))
+        vals = np.take_along_axis(cand, top, axis=1)
+        order = np.argsort(-vals, axis=1, kind="stable")
+        top, vals = np.take_along_axis(top, order, axis=1), np.take_along_axis(vals, order, axis=1)
+        backs.append((top, kk))  # (E_l, keep): flat index into (E_prev, kk_prev)
+        best = vals + np.asarray(node[lyr], np.float64)[:, None]
+    flat = best.reshape(-1)
+    keep = min(k, flat.size)
+    final = np.argsort(-flat, kind="stable")[:keep]
+    kk_last = best.shape[1]
+    paths = np.zeros((keep, len(node)), np.int64)
+    for p, f in enumerate(final):
+        e, j = divmod(int(f), kk_last)
+        paths[p, -1] = e
+        for lyr in range(len(node) - 1, 0, -1):
+            back, kk_prev = backs[lyr - 1]
+            prev = int(back[e, j])
+            e, j = divmod(prev, kk_prev)
+            paths[p, lyr - 1] = e
+    return paths, flat[final]
+
+
+def _normalised(v: np.ndarray) -> np.ndarray:
+    total = v.sum(-1, keepdims=True)
+    return v / np.where(total > 0, total, 1.0)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def graph(cfg: ModelConfig, scores: Scores, settings: PathfinderSettings) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(node log weights per layer, (S, E_l) each; edge log weights (E_l, E_{l+1})) from the scores."""
+    need = ["seq_prob_mass", "seq_strength", "seq_recon_routed", "transitions"]
+    if settings.recon == "dense":
+        need.append("expert_recon_dense")
+    elif settings.recon != "routed":
+        raise PlanError(f"pathfinder: recon={settings.recon!r}; expected 'routed' or 'dense'")
+    missing = [n for n in need if n not in scores]
+    if missing:
+        raise PlanError(f"pathfinder needs the statistics {missing}: collect with 'trajectory'"
+                        + (" and 'recon_dense'" if settings.recon == "dense" else ""))
+    names = [cfg.layer_name(i) for i in cfg.moe_layers]
+    S = len(scores["seq_prob_mass"][names[0]])
+    if S == 0:
+        raise PlanError("pathfinder: the scores hold no calibration sequences (empty trajectory set)")
+    take = slice(None) if not settings.max_sequences else slice(0, settings.max_sequences)
+    nodes = []
+    for name in names:
+        p = _normalised(np.asarray(scores["seq_prob_mass"][name])[take])
+        a = _normalised(np.asarray(scores["seq_strength"][name])[take])
+        if settings.recon == "routed":
+            r = np.asarray(scores["seq_recon_routed"][name])[take]
+            z = r / np.maximum(r.mean(-1, keepdims=True), _EPS)
+        else:
+            d = np.asarray(scores["expert_recon_dense"][name])[None, :]
+            z = np.broadcast_to(-d / max(float(d.mean()), _EPS), p.shape)
+        nodes.append(settings.w_prob * np.log(p + _EPS) + settings.w_strength * np.log(a + _EPS)
+                     + settings.w_recon * _log_softmax(z / settings.tau))
+    edges = []
+    for name in names[:-1]:
+        t = np.asarray(scores["transitions"][name], np.float64) + 1.0
+        edges.append(settings.w_transition * np.log(t / t.sum(-1, keepdims=True)))
+    return nodes, edges
+
+
+def path_frequency(cfg: ModelConfig, scores: Scores, settings: PathfinderSettings) -> list[np.ndarray]:
+    """How many of the sequences' k best paths run through each expert: (E_l,) per MoE layer."""
+    nodes, edges = graph(cfg, scores, settings)
+    freq = [np.zeros(n.shape[1]) for n in nodes]
+    for s in range(nodes[0].shape[0]):
+        paths, _ = k_best_paths([n[s] for n in nodes], edges, settings.path_topk)
+        for lyr in range(len(nodes)):
+            np.add.at(freq[lyr], paths[:, lyr], 1.0)
+    return freq
+
+
+def keep_by_priority(cfg: ModelConfig, priority: Sequence[np.ndarray], tiebreak: Sequence[np.ndarray], ratio: float,
+                     allocation: str, forced: Sequence[np.ndarray] | None = None) -> dict[int, tuple[int, ...]]:
+    """Experts to keep per MoE layer: the highest `priority` (ties: `tiebreak`) up to the budget.
+
+    allocation "uniform": each layer removes round(ratio * E_l); "global": one budget of
+    total - round(ratio * total), every layer keeping at least top_k (and its forced experts).
+    """
+    layers = list(cfg.moe_layers)
+    K = cfg.num_experts_per_tok
+    rank = [np.lexsort((-np.asarray(t, np.float64), -np.asarray(p, np.float64))) for p, t in zip(priority, tiebreak)]
+    kept: dict[int, list[int]] = {}
+    if allocation == "uniform":
+        for i, lyr in enumerate(layers):
+            n = cfg.experts_per_layer[lyr] - int(round(ratio * cfg.experts_per_layer[lyr]))
+            if n < K:
+                raise PlanError(f"ratio={ratio} leaves MoE layer {lyr} {n} of {cfg.experts_per_layer[lyr]} experts, "
+                                f"fewer than top_k={K}; lower the ratio or use global allocation")
+            forced_i = [] if forced is None else [int(e) for e in np.flatnonzero(forced[i])]
+            order = forced_i + [int(e) for e in rank[i] if e not in forced_i]
+            kept[lyr] = order[:max(n, len(forced_i))]
+        return {lyr: tuple(sorted(v)) for lyr, v in kept.items()}
+    if allocation != "global":
+        raise PlanError(f"allocation={allocation!r}: expected 'uniform' or 'global'")
+    total = sum(cfg.experts_per_layer[lyr] for lyr in layers)
+    budget = total - int(round(ratio * total))
+    for i, lyr in enumerate(layers):
+        forced_i = [] if forced is None else [int(e) for e in np.flatnonzero(forced[i])]
+        kept[lyr] = forced_i + [int(e) for e in rank[i] if e not in forced_i][:max(0, K - len(forced_i))]
+    used = sum(len(v) for v in kept.values())
+    if used > budget:
+        raise PlanError(f"ratio={ratio}: keeping {budget} of {total} experts cannot give each of the {len(layers)} "
+                        f"MoE layers its top_k={K} experts (and the forced ones: {used} needed)")
+    pool = []
+    for i, lyr in enumerate(layers):
+        scale = float(np.sum(priority[i])) or 1.0  # layers compare by their share of the signal
+        for e in rank[i]:
+            if int(e) not in kept[lyr]:
+                pool.append((priority[i][e] / scale, tiebreak[i][e], lyr, int(e)))
+    pool.sort(key=lambda x: (-x[0], -x[1]))
+    for _, _, lyr, e in pool[:budget - used]:
+        kept[lyr].append(e)
+    return {lyr: tuple(sorted(v)) for lyr, v in kept.items()}
+
+
+def force_keep(cfg: ModelConfig, scores: Scores, z: float) -> list[np.ndarray] | None:
+    """Experts whose probability mass is an outlier of their layer (z-score above `z`)."""
+    if z <= 0:
+        return None
+    out = []
+    for lyr in cfg.moe_layers:
+        m = np.asarray(scores["seq_prob_mass"][cfg.layer_name(lyr)]).sum(0)
+        out.append((m - m.mean()) / max(float(m.std()), _EPS) > z)
+    return out
