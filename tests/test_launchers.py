@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_jax import evaluation, hf, pruning
+from moe_jax import evaluation, hf, pruning, reporting
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "checkpoints" / "skills_tiny"
@@ -81,16 +81,18 @@ def test_fisher_moe_reproduction_smoke(tmp_path):
     for png in ("sweep.png", "sensitivity.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Memory at 50%" in (tmp_path / "report.md").read_text()
-    # Resumes: a second run finds every evaluation in progress.json and changes nothing.
-    before = json.loads((tmp_path / "progress.json").read_text())
-    again = _launch("fisher_moe.py", "fisher_moe_repro.py", tmp_path, "--config.n_per_domain=3",
-                    "--config.calibration.n_per_domain=3", "--config.methods=('fisher', 'random')",
-                    "--config.scopes=('global',)", "--config.ratios=(0.5,)",
-                    "--config.sensitivity_rankings=('fisher',)", "--config.sensitivity_ks=(1, 4)",
-                    "--config.repeats=1", "--config.throughput_batch=2", "--config.prompt_len=8", *HEAVY)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((tmp_path / "progress.json").read_text()) == before
     assert np.isfinite(report["baseline"]["mean_em"])
+    assert len(json.loads((tmp_path / "progress.json").read_text())["runs"]) == 6  # baseline, 2 + 2, 1 ablation
+
+
+def test_resumable_runs_keep_finished_work_and_drop_foreign_work(tmp_path):
+    runs = reporting.ResumableRuns(tmp_path / "progress.json", {"config": 1})
+    runs.put("a", {"mean_em": 0.5})
+    again = reporting.ResumableRuns(tmp_path / "progress.json", {"config": 1})
+    assert again.get("a") == {"mean_em": 0.5} and again.get("b") is None
+    other = reporting.ResumableRuns(tmp_path / "progress.json", {"config": 2})  # other settings: start over
+    assert other.get("a") is None
+    assert [p.name for p in tmp_path.iterdir()] == ["progress.json"]  # no temporaries left
 
 
 @pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="no committed model")
