@@ -237,3 +237,23 @@ def test_expert_then_dim_pruning_compose():
                                np.asarray(forward(cfg2, params2, tokens, pruning.masks(cfg2, plan))), atol=1e-5)
     assert sum(map(sum, cfg3.expert_widths)) == sum(map(sum, cfg2.expert_widths)) // 2
     assert sum(cfg3.experts_per_layer) == sum(cfg.experts_per_layer) * 3 // 4
+
+
+def test_group_limited_routing_refuses_regrouping_but_masks_work():
+    cfg = tiny_config("deepseek_v3")  # 8 experts in n_group=4 groups of 2
+    params = _params(cfg)
+    layer = cfg.moe_layers[0]
+    widths = {i: tuple(cfg.expert_widths[i]) for i in cfg.moe_layers}
+    uneven = {i: (0, 1, 2, 3, 4, 6) if i == layer else tuple(range(8)) for i in cfg.moe_layers}
+    plan = pruning.PruningPlan("manual", "global", 0.125, widths, uneven,
+                               {i: {e: tuple(range(widths[i][e])) for e in uneven[i]} for i in cfg.moe_layers})
+    with pytest.raises(PlanError, match=r"keep \[2, 2, 1, 1\] experts in its 4 router groups"):
+        pruning.apply(cfg, params, plan)
+    forward(cfg, params, np.zeros((1, 4), np.int32), pruning.masks(cfg, plan))  # simulation still runs
+    even = {i: (0, 2, 4, 6) if i == layer else tuple(range(8)) for i in cfg.moe_layers}
+    plan = pruning.PruningPlan("manual", "global", 0.25, widths, even,
+                               {i: {e: tuple(range(widths[i][e])) for e in even[i]} for i in cfg.moe_layers})
+    tokens = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 7))
+    cfg2, params2 = pruning.apply(cfg, params, plan)
+    np.testing.assert_allclose(np.asarray(forward(cfg2, params2, tokens)),
+                               np.asarray(forward(cfg, params, tokens, pruning.masks(cfg, plan))), atol=1e-5)

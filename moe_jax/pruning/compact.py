@@ -27,6 +27,7 @@ def _copy_tree(tree):
 def apply(cfg: ModelConfig, params: Params, plan: PruningPlan) -> tuple[ModelConfig, Params]:
     """(config, params) of the pruned model; its logits equal `forward(cfg, params, masks(plan))`."""
     plan.check(cfg)
+    _check_groups(cfg, plan)
     new_cfg, new = cfg, _copy_tree(params)
     for layer in cfg.moe_layers:
         kept = list(plan.experts[layer])
@@ -45,6 +46,20 @@ def apply(cfg: ModelConfig, params: Params, plan: PruningPlan) -> tuple[ModelCon
                 moe["score_bias"] = moe["score_bias"][cols]
     new_cfg.validate()
     return new_cfg, new
+
+
+def _check_groups(cfg: ModelConfig, plan: PruningPlan) -> None:
+    """Group-limited routers (DeepSeek) score contiguous groups of E / n_group experts: removal must
+    leave every group the same number of experts, or compaction would regroup them."""
+    if cfg.topk_method == "greedy" or cfg.n_group <= 1:
+        return
+    for layer in cfg.moe_layers:
+        E = cfg.experts_per_layer[layer]
+        per_group = np.bincount(np.asarray(plan.experts[layer]) // (E // cfg.n_group), minlength=cfg.n_group)
+        if len(set(per_group.tolist())) > 1:
+            raise PlanError(f"layer {layer} would keep {per_group.tolist()} experts in its {cfg.n_group} router "
+                            f"groups; {cfg.topk_method} routing needs the same count in every group, so this plan can "
+                            "only be simulated (pruning.masks), not compacted")
 
 
 def pad_to_uniform(cfg: ModelConfig, params: Params, multiple_of: int = 8) -> tuple[ModelConfig, Params]:
