@@ -23,7 +23,7 @@ eval/<run>/results.{json,md} + expert_load.png, and WORKDIR/comparison.md.
         --config.train_steps=50 --config.eval.n_per_domain=10
 
 How long (2-core dev CPU): about 3.5 minutes when the committed model exists (calibration
-and three evaluations, mostly compilation). Training from scratch takes what
+and five evaluations, mostly compilation). Training from scratch takes what
 configs/skills_tiny.py says.
 """
 
