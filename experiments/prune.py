@@ -111,13 +111,26 @@ def run_label(method: str, scope: str, ratio: float) -> str:
     return f"{method}-{scope}@{ratio:g}"
 
 
+def model_digest(cfg: ModelConfig, params: Params) -> str:
+    """Config + router weights: enough to tell cached scores of another model from this one's."""
+    import numpy as np
+
+    h = hashlib.blake2b(cfg.to_json().encode(), digest_size=8)
+    for i in cfg.moe_layers:
+        h.update(np.asarray(params[cfg.layer_name(i)]["moe"]["router"]["kernel"], np.float32).tobytes())
+    return h.hexdigest()
+
+
 def calibrate(cfg: ModelConfig, params: Params, tokenizer, config, statistics: Sequence[str],
-              workdir: Path) -> scoring.Scores:
-    """One calibration pass for every statistic the methods need; cached in WORKDIR/scores.npz."""
+              workdir: Path, model_id: str = "") -> scoring.Scores:
+    """One calibration pass for every statistic the methods need; cached in WORKDIR/scores.npz
+    (reused only for the same model, calibration settings and a superset of the statistics)."""
     path = workdir / "scores.npz"
     if path.exists():
         cached = scoring.Scores.load(path)
-        if set(statistics) <= set(cached.names) and cached.meta.get("calibration") == config.calibration.to_dict():
+        have = set(cached.meta.get("statistics", ()))
+        if (set(statistics) <= have and cached.meta.get("calibration") == config.calibration.to_dict()
+                and cached.meta.get("model") == model_id):
             print(f"Using the scores in {path}")
             return cached
     c = config.calibration
@@ -130,6 +143,7 @@ def calibrate(cfg: ModelConfig, params: Params, tokenizer, config, statistics: S
     scores = scoring.collect(cfg, params, batches, statistics, micro_batch_size=c.micro_batch_size, seed=c.seed,
                              checkpoint_path=state, data_id=data_id, total=len(batches))
     scores.meta["calibration"] = c.to_dict()
+    scores.meta["model"] = model_id
     scores.save(path)
     return scores
 
@@ -163,7 +177,7 @@ def main(argv: list[str]) -> None:
         print(f"\n{note}")
     else:
         needed = sorted({s for m, _, _ in methods for s in METHODS[m]}) or ["routing"]
-        scores = calibrate(cfg, params, tokenizer, config, needed, workdir)
+        scores = calibrate(cfg, params, tokenizer, config, needed, workdir, model_digest(cfg, params))
     for method, scope, ratio in methods:
         label = run_label(method, scope, ratio)
         plan = pruning.select(cfg, scores, method, scope, ratio, min_dims_per_expert=config.min_dims_per_expert,

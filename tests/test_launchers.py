@@ -44,6 +44,12 @@ def test_prune_launcher_runs_fisher_and_exports(tmp_path):
     # The expert-scope export is stock: one moe_intermediate_size, half the original.
     hf_cfg = json.loads((tmp_path / "pruned" / "fisher-expert@0.5" / "config.json").read_text())
     assert hf_cfg["moe_intermediate_size"] * 2 == base_cfg.expert_widths[0][0] and "moe_jax" not in hf_cfg
+    # A second run in the same workdir reuses the calibration scores (same model and settings).
+    again = _launch("prune.py", "fisher_moe.py", tmp_path, "--config.methods=(('pathfinder:global', 0.25),)",
+                    "--config.eval.n_per_domain=2", "--config.eval.throughput=False", "--config.export=False",
+                    "--config.calibration.n_per_domain=4")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Using the scores in" in again.stdout
 
 
 def test_prune_launcher_rejects_unknown_methods(tmp_path):
