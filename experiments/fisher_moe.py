@@ -178,15 +178,9 @@ def main(argv: list[str]) -> None:
           f"Fisher step / plain fwd+bwd per token = {cost['ratio']:.2f}")
 
     examples = [ex for d in skills.DOMAINS for ex in skills.eval_set(d, config.n_per_domain, config.seed)]
-    progress = reporting.ResumableRuns(workdir / "progress.json", {"config": config.to_dict(), "model": str(path)})
-
-    def run(key: str, masks):
-        got = progress.get(key)
-        if got is None:
-            got = evaluation.skills_scores(cfg, params, tokenizer, examples, masks, config.batch_size)
-            progress.put(key, got)
-            print(f"{key}: mean EM {got['mean_em']:.3f}")
-        return got
+    study = evaluation.MaskedStudy(cfg, params, tokenizer, examples, config.batch_size, workdir / "progress.json",
+                                   {"config": config.to_dict(), "model": str(path)})
+    run = study.run
 
     baseline = run("baseline", None)
     sweep, plans = {}, {}

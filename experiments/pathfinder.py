@@ -138,15 +138,9 @@ def main(argv: list[str]) -> None:
           f"(E/top_k = {cost_qwen['experts_over_top_k']:.0f})")
 
     examples = [ex for d in skills.DOMAINS for ex in skills.eval_set(d, config.n_per_domain, config.seed)]
-    runs = reporting.ResumableRuns(workdir / "progress.json", {"config": config.to_dict(), "model": str(path)})
-
-    def run(key: str, masks):
-        got = runs.get(key)
-        if got is None:
-            got = evaluation.skills_scores(cfg, params, tokenizer, examples, masks, config.batch_size)
-            runs.put(key, got)
-            print(f"{key}: mean EM {got['mean_em']:.3f}")
-        return got
+    study = evaluation.MaskedStudy(cfg, params, tokenizer, examples, config.batch_size, workdir / "progress.json",
+                                   {"config": config.to_dict(), "model": str(path)})
+    run = study.run
 
     baseline = run("baseline", None)
     settings = pruning.PathfinderSettings(**config.pathfinder.to_dict())

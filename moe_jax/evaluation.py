@@ -472,6 +472,27 @@ def skills_scores(cfg: ModelConfig, params: Params, tokenizer: Tokenizer, exampl
 
 
 
+class MaskedStudy:
+    """Many pruning plans of one model, each evaluated as masks by `skills_scores` on one set
+    of held-out prompts; finished runs are kept in `progress_path` (resumable)."""
+
+    def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, examples: Sequence[skills.Example],
+                 batch_size: int, progress_path: str | os.PathLike, fingerprint: Mapping[str, Any]):
+        from moe_jax.reporting import ResumableRuns
+
+        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+        self.examples, self.batch_size = list(examples), batch_size
+        self.runs = ResumableRuns(Path(progress_path), dict(fingerprint))
+
+    def run(self, key: str, masks: dict | None) -> dict[str, Any]:
+        got = self.runs.get(key)
+        if got is None:
+            got = skills_scores(self.cfg, self.params, self.tokenizer, self.examples, masks, self.batch_size)
+            self.runs.put(key, got)
+            print(f"{key}: mean EM {got['mean_em']:.3f}")
+        return got
+
+
 # ============================================================================ loading
 def load_model(path: str | os.PathLike, dtype: Any = "float32") -> tuple[ModelConfig, Params]:
     """(cfg, params) of a Hugging Face checkpoint directory, with a clear error if there is none."""

@@ -48,3 +48,30 @@ def tiny_config(family: str = "qwen2_moe", **overrides) -> ModelConfig:
 @pytest.fixture
 def rng():
     return jax.random.PRNGKey(0)
+
+
+def random_hf_qwen2_moe(out_dir, **overrides):
+    """A tiny random Qwen2-MoE saved by transformers in `out_dir` (weights std 0.3 so that
+    routing matters); skips the test when torch/transformers are missing."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    kwargs = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=40, num_experts=8,
+                  num_experts_per_tok=2, max_position_embeddings=128)
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2MoeConfig(**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.8, 1.2) if "norm" in name else p.normal_(0.0, 0.3 if p.ndim > 1 else 0.1)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def transformers_logits(path, tokens):
+    """Logits of the checkpoint at `path` as loaded by transformers' own loader."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()

@@ -14,7 +14,7 @@ from moe_jax.model import forward, init
 from moe_jax.model.layout import expert_weight
 from moe_jax.pruning import PathfinderSettings, PlanError, k_best_paths
 from moe_jax.pruning.experts import naee_layer
-from tests.conftest import tiny_config
+from tests.conftest import random_hf_qwen2_moe, tiny_config, transformers_logits
 
 
 def _params(cfg, seed=0, scale=0.3):
@@ -195,21 +195,8 @@ def test_pathfinder_keeps_experts_on_paths_and_layers_differ():
         pruning.select(cfg, empty, "pathfinder", "global", 0.5)
 
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-
 def test_uniform_expert_removal_exports_to_transformers(tmp_path):
-    hf_cfg = transformers.Qwen2MoeConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, intermediate_size=48, moe_intermediate_size=16,
-                                         shared_expert_intermediate_size=40, num_experts=8, num_experts_per_tok=2,
-                                         max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.8, 1.2) if "norm" in name else p.normal_(0.0, 0.3 if p.ndim > 1 else 0.1)
-    model.save_pretrained(tmp_path / "orig")
+    random_hf_qwen2_moe(tmp_path / "orig")
     cfg, params = hf.load_pretrained(tmp_path / "orig", dtype="float32")
     scores = scoring.collect(cfg, params, _batches(cfg, 2), ["routing"], progress=False)
     plan = pruning.select(cfg, scores, "frequency", "uniform", 0.25)
@@ -217,9 +204,7 @@ def test_uniform_expert_removal_exports_to_transformers(tmp_path):
     assert cfg2.is_uniform and cfg2.experts_per_layer[0] == 6
     hf.save_pretrained(cfg2, params2, tmp_path / "pruned")
     tokens = np.random.RandomState(3).randint(0, 96, (2, 10))
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
-    with torch.no_grad():
-        theirs = back(torch.tensor(tokens)).logits.numpy()
+    theirs = transformers_logits(tmp_path / "pruned", tokens)
     np.testing.assert_allclose(theirs, np.asarray(forward(cfg2, params2, tokens)), atol=1e-4)
 
 

@@ -11,7 +11,7 @@ from moe_jax import hf, pruning
 from moe_jax.model import forward, init
 from moe_jax.pruning import PlanError, PruningPlan
 from moe_jax.scoring import Scores
-from tests.conftest import tiny_config
+from tests.conftest import random_hf_qwen2_moe, tiny_config, transformers_logits
 
 
 def _params(cfg, seed=0, scale=0.3):
@@ -133,28 +133,10 @@ def test_plan_json_round_trip_and_foreign_model(tmp_path):
 
 
 # ------------------------------------------------------------------------ export
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-
 def _hf_model(tmp_path):
-    hf_cfg = transformers.Qwen2MoeConfig(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                         num_key_value_heads=2, intermediate_size=48, moe_intermediate_size=24,
-                                         shared_expert_intermediate_size=40, num_experts=6, num_experts_per_tok=2,
-                                         mlp_only_layers=[1], max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.8, 1.2) if "norm" in name else p.normal_(0.0, 0.3 if p.ndim > 1 else 0.1)
-    model.save_pretrained(tmp_path / "orig")
-    return hf.load_pretrained(tmp_path / "orig", dtype="float32")
-
-
-def _transformers_logits(path, tokens):
-    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.numpy()
+    path = random_hf_qwen2_moe(tmp_path / "orig", num_hidden_layers=3, moe_intermediate_size=24, num_experts=6,
+                               mlp_only_layers=[1])
+    return hf.load_pretrained(path, dtype="float32")
 
 
 def test_expert_scope_export_loads_in_transformers(tmp_path):
@@ -165,7 +147,7 @@ def test_expert_scope_export_loads_in_transformers(tmp_path):
     hf.save_pretrained(cfg2, params2, tmp_path / "pruned")
     tokens = np.random.RandomState(1).randint(0, 96, (2, 12))
     ours = np.asarray(forward(cfg2, params2, tokens))
-    theirs = _transformers_logits(tmp_path / "pruned", tokens)
+    theirs = transformers_logits(tmp_path / "pruned", tokens)
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
     import json
     assert json.loads((tmp_path / "pruned" / "config.json").read_text())["moe_intermediate_size"] == 12
@@ -184,4 +166,4 @@ def test_global_scope_export_round_trips_and_pads_for_stock_loaders(tmp_path):
     np.testing.assert_allclose(np.asarray(forward(cfg3, params3, tokens)), ours, atol=1e-6)
     cfg4, params4 = pruning.pad_to_uniform(cfg2, params2)
     hf.save_pretrained(cfg4, params4, tmp_path / "padded")
-    np.testing.assert_allclose(_transformers_logits(tmp_path / "padded", tokens), ours, atol=1e-4)
+    np.testing.assert_allclose(transformers_logits(tmp_path / "padded", tokens), ours, atol=1e-4)
