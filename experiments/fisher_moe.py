@@ -165,8 +165,7 @@ def main(argv: list[str]) -> None:
     t_start = time.perf_counter()
 
     c = config.calibration
-    batches = scoring.calibration_batches(c.data, tokenizer, n_per_domain=c.n_per_domain, seq_len=c.seq_len,
-                                          batch_size=c.batch_size, seed=c.seed, max_rows=c.max_rows)
+    batches = scoring.calibration_batches_from_config(c, tokenizer)
     t0 = time.perf_counter()
     scores = scoring.collect(cfg, params, batches, scoring.DIM_STATISTICS, micro_batch_size=c.micro_batch_size,
                              seed=c.seed, checkpoint_path=workdir / "scores_state.npz", total=len(batches),
@@ -208,9 +207,7 @@ def main(argv: list[str]) -> None:
         del hparams
     ablation = {}
     if config.answer_only_ablation:
-        answer_batches = scoring.calibration_batches(c.data, tokenizer, n_per_domain=c.n_per_domain,
-                                                     seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed,
-                                                     max_rows=c.max_rows, answer_only=True)
+        answer_batches = scoring.calibration_batches_from_config(c, tokenizer, answer_only=True)
         answer = scoring.collect(cfg, params, answer_batches, ["fisher"], micro_batch_size=c.micro_batch_size,
                                  progress=False)
         for ratio in config.ratios:

@@ -119,8 +119,7 @@ def main(argv: list[str]) -> None:
     tokenizer = evaluation.load_eval_tokenizer("auto", path, cfg)
     t_start = time.perf_counter()
     c = config.calibration
-    batches = scoring.calibration_batches(c.data, tokenizer, n_per_domain=c.n_per_domain, seq_len=c.seq_len,
-                                          batch_size=c.batch_size, seed=c.seed, max_rows=c.max_rows)
+    batches = scoring.calibration_batches_from_config(c, tokenizer)
     timings = {}
     for stats in (["routing"], ["routing", "trajectory"], ["routing", "trajectory", "recon_dense"]):
         t0 = time.perf_counter()

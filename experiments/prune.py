@@ -134,9 +134,7 @@ def calibrate(cfg: ModelConfig, params: Params, tokenizer, config, statistics: S
             print(f"Using the scores in {path}")
             return cached
     c = config.calibration
-    batches = scoring.calibration_batches(c.data, tokenizer, n_per_domain=c.n_per_domain, seq_len=c.seq_len,
-                                          batch_size=c.batch_size, seed=c.seed, answer_only=c.answer_only,
-                                          max_rows=c.max_rows)
+    batches = scoring.calibration_batches_from_config(c, tokenizer)
     print(f"Calibration: {c.data}, {sum(len(b['tokens']) for b in batches)} rows of {c.seq_len} tokens")
     data_id = json.dumps([c.to_dict(), sorted(statistics)], sort_keys=True)
     state = workdir / f"scores_state-{hashlib.blake2b(data_id.encode(), digest_size=4).hexdigest()}.npz"

@@ -45,6 +45,15 @@ def tiny_config(family: str = "qwen2_moe", **overrides) -> ModelConfig:
     return ModelConfig.create(num_experts=num_experts, moe_intermediate_size=width, dense_layers=dense, **base)
 
 
+def scaled_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.3) -> dict:
+    """init() with weights scaled from std 0.02 to `scale` (padding stays zero), so routing and
+    masks visibly matter."""
+    from moe_jax.model import init
+
+    params = init(cfg, jax.random.PRNGKey(seed))
+    return jax.tree_util.tree_map(lambda x: x * (scale / 0.02) if x.ndim > 1 else x, params)
+
+
 @pytest.fixture
 def rng():
     return jax.random.PRNGKey(0)

@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import itertools
 
-import jax
 import numpy as np
 import pytest
 
 from moe_jax import hf, pruning, scoring
-from moe_jax.model import forward, init
+from moe_jax.model import forward
 from moe_jax.model.layout import expert_weight
 from moe_jax.pruning import PathfinderSettings, PlanError, k_best_paths
 from moe_jax.pruning.experts import naee_layer
-from tests.conftest import random_hf_qwen2_moe, tiny_config, transformers_logits
-
-
-def _params(cfg, seed=0, scale=0.3):
-    params = init(cfg, jax.random.PRNGKey(seed))
-    return jax.tree_util.tree_map(lambda x: x * (scale / 0.02) if x.ndim > 1 else x, params)
+from tests.conftest import random_hf_qwen2_moe, scaled_params, tiny_config, transformers_logits
 
 
 def _batches(cfg, n=2, B=3, T=10, seed=0):
@@ -102,7 +96,7 @@ def _trajectory_oracle(cfg, params, batches):
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_trajectory_statistics_match_direct_loops(family):
     cfg = tiny_config(family, num_layers=3, dense_layers=())
-    params = _params(cfg)
+    params = scaled_params(cfg)
     batches = _batches(cfg)
     got = scoring.collect(cfg, params, batches, ["trajectory", "recon_dense", "routing"], micro_batch_size=2,
                           progress=False, sample_tokens=7)
@@ -140,7 +134,7 @@ def _numpy_subset_error(cfg, params, layer, x, subset):
 
 def test_naee_exhaustive_matches_brute_force():
     cfg = tiny_config("mixtral", num_experts=6, num_layers=1)
-    params = _params(cfg)
+    params = scaled_params(cfg)
     x = np.random.default_rng(1).normal(size=(12, cfg.hidden_size)).astype(np.float32)
     kept, err = naee_layer(cfg, params, 0, x, 3)
     brute = {s: _numpy_subset_error(cfg, params, 0, x, list(s)) for s in itertools.combinations(range(6), 3)}
@@ -154,7 +148,7 @@ def test_naee_exhaustive_matches_brute_force():
                                                ("soft_count", "global"), ("random_experts", "uniform")])
 def test_expert_removal_equals_masking(method, allocation):
     cfg = tiny_config("qwen2_moe", num_layers=3, dense_layers=())
-    params = _params(cfg)
+    params = scaled_params(cfg)
     scores = scoring.collect(cfg, params, _batches(cfg, 3), ["trajectory", "routing"], progress=False)
     plan = pruning.select(cfg, scores, method, allocation, 0.5, params=params)
     total = sum(cfg.experts_per_layer)
@@ -172,7 +166,7 @@ def test_expert_removal_equals_masking(method, allocation):
 
 def test_pathfinder_keeps_experts_on_paths_and_layers_differ():
     cfg = tiny_config("mixtral", num_layers=4, dense_layers=())
-    params = _params(cfg)
+    params = scaled_params(cfg)
     scores = scoring.collect(cfg, params, _batches(cfg, 4, B=4), ["trajectory", "routing"], progress=False)
     plan = pruning.select(cfg, scores, "pathfinder", "global", 0.5, pathfinder=PathfinderSettings(path_topk=3))
     freq = plan.meta["path_frequency"]
@@ -211,7 +205,7 @@ def test_uniform_expert_removal_exports_to_transformers(tmp_path):
 def test_expert_then_dim_pruning_compose():
     """Prune experts, score the survivors' dims on the smaller model, prune those: equal to masking it."""
     cfg = tiny_config("olmoe", num_layers=2, dense_layers=())
-    params = _params(cfg)
+    params = scaled_params(cfg)
     scores = scoring.collect(cfg, params, _batches(cfg, 2), ["trajectory", "routing"], progress=False)
     cfg2, params2 = pruning.apply(cfg, params, pruning.select(cfg, scores, "pathfinder", "global", 0.25))
     fisher = scoring.collect(cfg2, params2, _batches(cfg2, 2), ["fisher"], progress=False)
@@ -226,7 +220,7 @@ def test_expert_then_dim_pruning_compose():
 
 def test_group_limited_routing_refuses_regrouping_but_masks_work():
     cfg = tiny_config("deepseek_v3")  # 8 experts in n_group=4 groups of 2
-    params = _params(cfg)
+    params = scaled_params(cfg)
     layer = cfg.moe_layers[0]
     widths = {i: tuple(cfg.expert_widths[i]) for i in cfg.moe_layers}
     uneven = {i: (0, 1, 2, 3, 4, 6) if i == layer else tuple(range(8)) for i in cfg.moe_layers}

@@ -3,20 +3,14 @@ transformers (expert scope) and against our own loader (non-uniform scopes)."""
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 
 from moe_jax import hf, pruning
-from moe_jax.model import forward, init
+from moe_jax.model import forward
 from moe_jax.pruning import PlanError, PruningPlan
 from moe_jax.scoring import Scores
-from tests.conftest import random_hf_qwen2_moe, tiny_config, transformers_logits
-
-
-def _params(cfg, seed=0, scale=0.3):
-    params = init(cfg, jax.random.PRNGKey(seed))
-    return jax.tree_util.tree_map(lambda x: x * (scale / 0.02) if x.ndim > 1 else x, params)
+from tests.conftest import random_hf_qwen2_moe, scaled_params, tiny_config, transformers_logits
 
 
 def _scores(cfg, seed=0, name="fisher", skew=None):
@@ -104,7 +98,7 @@ def test_unknown_method_scope_and_foreign_scores():
                                          ("mixtral", True)])
 def test_compaction_equals_masking(family, drop):
     cfg = tiny_config(family)
-    params = _params(cfg)
+    params = scaled_params(cfg)
     skew = {(cfg.moe_layers[0], 5), (cfg.moe_layers[0], 6)} if drop else None
     plan = pruning.select(cfg, _scores(cfg, skew=skew), "fisher", "global", 0.5, drop_empty_experts=drop)
     tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 11))
@@ -126,7 +120,7 @@ def test_plan_json_round_trip_and_foreign_model(tmp_path):
     assert back == plan
     other = tiny_config("qwen3_moe", num_experts=6)
     with pytest.raises(PlanError, match="layer 0 has expert widths"):
-        pruning.apply(other, _params(other), back)
+        pruning.apply(other, scaled_params(other), back)
     (tmp_path / "broken.json").write_text('{"method": "fisher"}')
     with pytest.raises(PlanError, match="broken.json"):
         PruningPlan.load(tmp_path / "broken.json")

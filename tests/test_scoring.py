@@ -10,15 +10,10 @@ import optax
 import pytest
 
 from moe_jax import scoring
-from moe_jax.model import forward, init
+from moe_jax.model import forward
 from moe_jax.model.layout import expert_weight
 from moe_jax.scoring import Scores, ScoringError
-from tests.conftest import tiny_config
-
-
-def _params(cfg, seed=0, scale=0.3):
-    params = init(cfg, jax.random.PRNGKey(seed))
-    return jax.tree_util.tree_map(lambda x: x * (scale / 0.02) if x.ndim > 1 else x, params)
+from tests.conftest import scaled_params, tiny_config
 
 
 def _batches(cfg, n_batches=3, B=3, T=9, seed=0):
@@ -64,7 +59,7 @@ def _brute_force_fisher(cfg, params, batches):
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
 def test_fisher_equals_per_sample_grad_loop(family):
     cfg = tiny_config(family)
-    params = _params(cfg)
+    params = scaled_params(cfg)
     batches = _batches(cfg)
     got = scoring.collect(cfg, params, batches, ["fisher", "grad_abs"], micro_batch_size=2, progress=False)
     fisher, grad_abs, n = _brute_force_fisher(cfg, params, batches)
@@ -78,7 +73,7 @@ def test_fisher_equals_per_sample_grad_loop(family):
 def test_fisher_of_a_non_uniform_model_is_nan_beyond_each_width():
     cfg = tiny_config("mixtral", num_layers=1)
     cfg = cfg.with_layer_experts(0, (24, 8, 16, 24, 4, 24, 12, 20))
-    params = _params(cfg)
+    params = scaled_params(cfg)
     got = scoring.collect(cfg, params, _batches(cfg, 1), ["fisher"], progress=False)
     fisher, _, _ = _brute_force_fisher(cfg, params, _batches(cfg, 1))
     arr = got["fisher"]["layer_0"]
@@ -89,7 +84,7 @@ def test_fisher_of_a_non_uniform_model_is_nan_beyond_each_width():
 
 def test_activation_routing_and_magnitude_by_hand_on_one_layer():
     cfg = tiny_config("mixtral", num_layers=1)
-    params = _params(cfg)
+    params = scaled_params(cfg)
     batches = _batches(cfg, 2)
     got = scoring.collect(cfg, params, batches, ["activation", "router_weighted", "magnitude", "routing"],
                           micro_batch_size=2, progress=False)
@@ -124,7 +119,7 @@ def test_activation_routing_and_magnitude_by_hand_on_one_layer():
 
 def test_micro_batching_and_random_are_deterministic():
     cfg = tiny_config("olmoe")
-    params = _params(cfg)
+    params = scaled_params(cfg)
     a = scoring.collect(cfg, params, _batches(cfg), ["fisher", "activation", "random"], micro_batch_size=1,
                         progress=False, seed=3)
     b = scoring.collect(cfg, params, _batches(cfg), ["fisher", "activation", "random"], micro_batch_size=3,
@@ -142,7 +137,7 @@ class _Killed(Exception):
 
 def test_killed_run_resumes_to_the_same_scores(tmp_path):
     cfg = tiny_config("qwen2_moe")
-    params = _params(cfg)
+    params = scaled_params(cfg)
     batches = _batches(cfg, n_batches=5)
     stats = ["fisher", "grad_abs", "activation", "routing"]
     full = scoring.collect(cfg, params, batches, stats, progress=False)
@@ -171,12 +166,12 @@ def test_killed_run_resumes_to_the_same_scores(tmp_path):
             np.testing.assert_allclose(resumed[stat][layer], full[stat][layer], rtol=1e-6)
     # Another model's state is refused, naming the file.
     with pytest.raises(ScoringError, match="scoring_state.npz.*another run"):
-        scoring.collect(cfg, _params(cfg, seed=1), batches, stats, checkpoint_path=ckpt, progress=False)
+        scoring.collect(cfg, scaled_params(cfg, seed=1), batches, stats, checkpoint_path=ckpt, progress=False)
 
 
 def test_scores_save_load_round_trip(tmp_path):
     cfg = tiny_config("mixtral")
-    params = _params(cfg)
+    params = scaled_params(cfg)
     s = scoring.collect(cfg, params, _batches(cfg, 1), ["fisher", "routing"], progress=False)
     path = s.save(tmp_path / "scores.npz")
     back = Scores.load(path)
@@ -191,7 +186,7 @@ def test_scores_save_load_round_trip(tmp_path):
 
 def test_bad_input_errors():
     cfg = tiny_config("mixtral")
-    params = _params(cfg)
+    params = scaled_params(cfg)
     with pytest.raises(ScoringError, match="unknown.*'fishr'"):
         scoring.collect(cfg, params, _batches(cfg), ["fishr"])
     empty = [{"tokens": np.ones((2, 6), np.int32), "segment_ids": np.zeros((2, 6), np.int32)}]

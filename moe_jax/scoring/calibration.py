@@ -48,3 +48,12 @@ def calibration_batches(spec: str, tokenizer: Tokenizer, *, n_per_domain: int = 
         rows = {"tokens": tokens}
     n = len(rows["tokens"]) if not max_rows else min(max_rows, len(rows["tokens"]))
     return [{k: v[i:i + batch_size] for k, v in rows.items()} for i in range(0, n, batch_size)]
+
+
+def calibration_batches_from_config(c, tokenizer: Tokenizer, **overrides) -> list[dict[str, np.ndarray]]:
+    """`calibration_batches` from a launcher's ``config.calibration`` (data, n_per_domain, seq_len,
+    batch_size, seed, max_rows and optionally answer_only); `overrides` win."""
+    c = dict(c.to_dict() if hasattr(c, "to_dict") else c)
+    kwargs = {k: c[k] for k in ("n_per_domain", "seq_len", "batch_size", "seed", "max_rows", "answer_only") if k in c}
+    kwargs.update(overrides)
+    return calibration_batches(c["data"], tokenizer, **kwargs)
