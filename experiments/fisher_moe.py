@@ -43,6 +43,7 @@ from moe_jax import evaluation, pruning, reporting, scoring  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 from moe_jax.data import skills  # noqa: E402
 from moe_jax.model import transformer  # noqa: E402
+from moe_jax.reporting import fmt  # noqa: E402
 from moe_jax.scoring.collect import _score_step, calibration_rows, micro_batches  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -235,10 +236,6 @@ def main(argv: list[str]) -> None:
     print(text)
 
 
-def _f(x, digits=3):
-    return "–" if x is None else f"{x:.{digits}f}"
-
-
 def render_report(config, report, baseline, sweep, sensitivity, memory, speed, cost, ablation) -> str:
     domains = list(skills.DOMAINS)
     head = "| run | " + " | ".join(domains) + " | mean EM | kept | refusal | over-refusal |"
@@ -246,8 +243,9 @@ def render_report(config, report, baseline, sweep, sensitivity, memory, speed, c
 
     def row(label, r):
         kept = r["mean_em"] / baseline["mean_em"] if baseline["mean_em"] else None
-        return (f"| {label} | " + " | ".join(_f(r[d]["em"], 2) for d in domains) +
-                f" | {_f(r['mean_em'])} | {_f(kept, 2)} | {_f(r.get('refusal'), 2)} | {_f(r.get('over_refusal'), 2)} |")
+        return (f"| {label} | " + " | ".join(fmt(r[d]["em"], 2) for d in domains) +
+                f" | {fmt(r['mean_em'])} | {fmt(kept, 2)} | {fmt(r.get('refusal'), 2)} | "
+                f"{fmt(r.get('over_refusal'), 2)} |")
 
     lines = [f"# Fisher-MoE on {report['model']}", "",
              f"Device: {report['device']}; {config.n_per_domain} held-out prompts per domain; calibration "
@@ -282,7 +280,7 @@ def render_report(config, report, baseline, sweep, sensitivity, memory, speed, c
             prefill, decode = s["prefill_tokens_per_s"], s["decode_tokens_per_s"]
             decode_x = decode / base["decode_tokens_per_s"] if decode and base["decode_tokens_per_s"] else None
             lines.append(f"| {model_name} | {label} | {prefill:.0f} | {prefill / base['prefill_tokens_per_s']:.2f} | "
-                         f"{_f(decode, 0)} | {_f(decode_x, 2)} |")
+                         f"{fmt(decode, 0)} | {fmt(decode_x, 2)} |")
     lines += ["", f"Scoring cost: the Fisher step (forward + backward to the per-sequence masks, with activation "
               f"statistics) takes {cost['ratio']:.2f}x a plain forward + backward of the loss to the weights, "
               f"per token ({cost['tokens']:.0f} tokens per micro-batch, median of interleaved repeats)."]

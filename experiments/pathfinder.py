@@ -35,6 +35,7 @@ from moe_jax import evaluation, pruning, reporting, scoring  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 from moe_jax.data import skills  # noqa: E402
 from moe_jax.model import transformer  # noqa: E402
+from moe_jax.reporting import fmt  # noqa: E402
 from moe_jax.scoring import trajectory  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -154,10 +155,7 @@ def main(argv: list[str]) -> None:
                 continue
             plans[(method, allocation, ratio)] = plan
             got = dict(run(f"{method}/{allocation}/{ratio:g}", pruning.masks(cfg, plan)))
-            c2, _ = cfg, None
-            for lyr in cfg.moe_layers:
-                c2 = c2.with_layer_experts(lyr, plan.kept_widths(lyr))
-            got["routed_bytes_kept"] = pruning.routed_bytes(c2) / pruning.routed_bytes(cfg)
+            got["routed_bytes_kept"] = 1.0 - plan.dims_removed_fraction()  # routed bytes scale with the dims
             got["experts_per_layer"] = [len(plan.experts[lyr]) for lyr in cfg.moe_layers]
             results[(method, allocation, ratio)] = got
     for ratio in config.ratios:
@@ -174,10 +172,6 @@ def main(argv: list[str]) -> None:
     print(text)
 
 
-def _f(x, digits=3):
-    return "–" if x is None else f"{x:.{digits}f}"
-
-
 def render(config, report, baseline, results) -> str:
     domains = list(skills.DOMAINS)
     head = "| run | experts/layer | " + " | ".join(domains) + " | mean EM | refusal | over-refusal | expert bytes |"
@@ -186,13 +180,13 @@ def render(config, report, baseline, results) -> str:
              f"Device: {report['device']}; {config.n_per_domain} held-out prompts per domain; calibration "
              f"{config.calibration.data} ({config.calibration.n_per_domain}/domain). Total {report['seconds']:.0f} s.",
              "", "## Experts removed", "", head, sep,
-             "| unpruned | all | " + " | ".join(_f(baseline[d]["em"], 2) for d in domains) +
-             f" | {_f(baseline['mean_em'])} | {_f(baseline.get('refusal'), 2)} | "
-             f"{_f(baseline.get('over_refusal'), 2)} | 1.00 |"]
+             "| unpruned | all | " + " | ".join(fmt(baseline[d]["em"], 2) for d in domains) +
+             f" | {fmt(baseline['mean_em'])} | {fmt(baseline.get('refusal'), 2)} | "
+             f"{fmt(baseline.get('over_refusal'), 2)} | 1.00 |"]
     for (m, a, r), v in sorted(results.items(), key=lambda x: (x[0][2], -x[1]["mean_em"])):
         lines.append(f"| {m} / {a} / {r:g} | {v['experts_per_layer']} | " +
-                     " | ".join(_f(v[d]["em"], 2) for d in domains) +
-                     f" | {_f(v['mean_em'])} | {_f(v.get('refusal'), 2)} | {_f(v.get('over_refusal'), 2)} | "
+                     " | ".join(fmt(v[d]["em"], 2) for d in domains) +
+                     f" | {fmt(v['mean_em'])} | {fmt(v.get('refusal'), 2)} | {fmt(v.get('over_refusal'), 2)} | "
                      f"{v['routed_bytes_kept']:.2f} |")
     t = report["calibration_seconds"]
     lines += ["", "## Calibration cost", "", "| statistics | seconds |", "|---|---:|"]

@@ -111,16 +111,6 @@ def run_label(method: str, scope: str, ratio: float) -> str:
     return f"{method}-{scope}@{ratio:g}"
 
 
-def model_digest(cfg: ModelConfig, params: Params) -> str:
-    """Config + router weights: enough to tell cached scores of another model from this one's."""
-    import numpy as np
-
-    h = hashlib.blake2b(cfg.to_json().encode(), digest_size=8)
-    for i in cfg.moe_layers:
-        h.update(np.asarray(params[cfg.layer_name(i)]["moe"]["router"]["kernel"], np.float32).tobytes())
-    return h.hexdigest()
-
-
 def calibrate(cfg: ModelConfig, params: Params, tokenizer, config, statistics: Sequence[str],
               workdir: Path, model_id: str = "") -> scoring.Scores:
     """One calibration pass for every statistic the methods need; cached in WORKDIR/scores.npz
@@ -175,7 +165,7 @@ def main(argv: list[str]) -> None:
         print(f"\n{note}")
     else:
         needed = sorted({s for m, _, _ in methods for s in METHODS[m]}) or ["routing"]
-        scores = calibrate(cfg, params, tokenizer, config, needed, workdir, model_digest(cfg, params))
+        scores = calibrate(cfg, params, tokenizer, config, needed, workdir, scoring.model_digest(cfg, params))
     for method, scope, ratio in methods:
         label = run_label(method, scope, ratio)
         plan = pruning.select(cfg, scores, method, scope, ratio, min_dims_per_expert=config.min_dims_per_expert,

@@ -23,7 +23,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def fmt(value: Any, digits: int = 3) -> str:
+    """A table cell: the number with `digits` decimals, or "–" for None / NaN / inf."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
@@ -43,12 +44,12 @@ def format_table(results: Mapping[str, Any]) -> str:
     for domain in dict.fromkeys([*em, *ppl]):
         e, p = em.get(domain, {}), ppl.get(domain, {})
         imbalance = _load_imbalance(load[domain]["fraction"]) if domain in load else None
-        lines.append(f"| {domain} | {e.get('n', '–')} | {_fmt(e.get('exact_match'))} | "
-                     f"{_fmt(e.get('refusal_rate'))} | {_fmt(e.get('over_refusal_rate'))} | "
-                     f"{_fmt(p.get('answer'), 2)} | {_fmt(p.get('full'), 2)} | {_fmt(imbalance, 2)} |")
+        lines.append(f"| {domain} | {e.get('n', '–')} | {fmt(e.get('exact_match'))} | "
+                     f"{fmt(e.get('refusal_rate'))} | {fmt(e.get('over_refusal_rate'))} | "
+                     f"{fmt(p.get('answer'), 2)} | {fmt(p.get('full'), 2)} | {fmt(imbalance, 2)} |")
     if em:
         mean = sum(e["exact_match"] for e in em.values()) / len(em)
-        lines.append(f"| **mean** | {sum(e['n'] for e in em.values())} | {_fmt(mean)} | | | | | |")
+        lines.append(f"| **mean** | {sum(e['n'] for e in em.values())} | {fmt(mean)} | | | | | |")
     size = results.get("model", {})
     if size:
         lines += ["", f"params: total {size['total']:,} · routed experts {size['routed_experts']:,} · "
@@ -56,8 +57,8 @@ def format_table(results: Mapping[str, Any]) -> str:
     speed = results.get("throughput")
     if speed:
         lines.append(f"throughput (batch {speed['batch_size']}, prompt {speed['prompt_len']}): prefill "
-                     f"{_fmt(speed['prefill_tokens_per_s'], 0)} tok/s · decode "
-                     f"{_fmt(speed['decode_tokens_per_s'], 0)} tok/s · peak memory "
+                     f"{fmt(speed['prefill_tokens_per_s'], 0)} tok/s · decode "
+                     f"{fmt(speed['decode_tokens_per_s'], 0)} tok/s · peak memory "
                      f"{speed['memory']['peak_bytes'] / 2**20:.0f} MiB ({speed['memory']['source']})")
     if load:
         lines.append("max load×E: the busiest expert's share of routed slots × expert count, averaged over "
@@ -78,8 +79,8 @@ def comparison_table(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
         scores = [em[d]["exact_match"] if d in em else None for d in domains]
         known = [s for s in scores if s is not None]
         safety = em.get("safety", {})
-        cells = [label, *map(_fmt, scores), _fmt(sum(known) / len(known) if known else None),
-                 _fmt(safety.get("refusal_rate")), _fmt(safety.get("over_refusal_rate")),
+        cells = [label, *map(fmt, scores), fmt(sum(known) / len(known) if known else None),
+                 fmt(safety.get("refusal_rate")), fmt(safety.get("over_refusal_rate")),
                  f"{size['active_per_token']:,}" if size else "–",
                  f"{size['bytes'] / 2**20:.2f}" if size else "–"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -104,10 +105,12 @@ def _jsonable(value: Any) -> Any:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write `data` to a temporary file beside `path`, then rename it over `path` (never half-written)."""
+    """Write `data` to a temporary file beside `path`, then rename it over `path` (never half-written).
+    Missing parent directories are created."""
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else data
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as err:
         raise OSError(f"cannot write {path.name} into {str(path.parent)!r}: {err.strerror or err}") from err

@@ -9,9 +9,9 @@
 from moe_jax.pruning.compact import apply, pad_to_uniform, routed_bytes
 from moe_jax.pruning.experts import ALLOCATIONS, EXPERT_METHODS, select_experts
 from moe_jax.pruning.pathfinder import PathfinderSettings, k_best_paths
-from moe_jax.pruning.plan import PlanError, PruningPlan, identity_plan, masks
+from moe_jax.pruning.plan import PlanError, PruningPlan, masks
 from moe_jax.pruning.select import SCOPES, check_ratio, select
 
 __all__ = ["PruningPlan", "PlanError", "select", "apply", "masks", "pad_to_uniform", "routed_bytes",
-           "identity_plan", "check_ratio", "SCOPES", "EXPERT_METHODS", "ALLOCATIONS", "select_experts",
+           "check_ratio", "SCOPES", "EXPERT_METHODS", "ALLOCATIONS", "select_experts",
            "PathfinderSettings", "k_best_paths"]

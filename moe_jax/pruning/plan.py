@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax.config import ModelConfig
+from moe_jax.reporting import atomic_write
 
 
 class PlanError(ValueError):
@@ -109,9 +110,7 @@ class PruningPlan:
         return json.dumps(self.to_dict())
 
     def save(self, path: str | os.PathLike) -> Path:
-        from moe_jax.scoring.statistics import atomic_write_bytes
-
-        return atomic_write_bytes(path, self.to_json().encode())
+        return atomic_write(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PruningPlan:
@@ -124,13 +123,6 @@ class PruningPlan:
             return cls.from_dict(data)
         except PlanError as err:
             raise PlanError(f"{path}: {err}") from None
-
-
-def identity_plan(cfg: ModelConfig) -> PruningPlan:
-    """Keep everything (the plan of ratio 0)."""
-    widths = {i: tuple(cfg.expert_widths[i]) for i in cfg.moe_layers}
-    return PruningPlan("none", "global", 0.0, widths, {i: tuple(range(len(w))) for i, w in widths.items()},
-                       {i: {e: tuple(range(f)) for e, f in enumerate(w)} for i, w in widths.items()})
 
 
 def masks(cfg: ModelConfig, plan: PruningPlan) -> dict[str, dict[str, jnp.ndarray]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from moe_jax.config import ModelConfig
+from moe_jax.pruning.experts import EXPERT_METHODS, select_experts
 from moe_jax.pruning.plan import PlanError, PruningPlan
 from moe_jax.scoring.statistics import Scores, ScoringError
 
@@ -39,20 +40,18 @@ def select(cfg: ModelConfig, scores: Scores, method: str = "fisher", scope: str 
            pathfinder=None, seed: int = 0) -> PruningPlan:
     """A `PruningPlan` that removes `ratio` of the routed-expert dims ranked by ``scores[method]``.
 
-    Whole-expert methods (`experts.EXPERT_METHODS`: "pathfinder", "frequency", "reap", "naee",
+    Whole-expert methods (`EXPERT_METHODS`: "pathfinder", "frequency", "reap", "naee",
     ...) remove `ratio` of the experts instead; their scope is the allocation, "uniform" or
     "global". `params` (NAEE), `pathfinder` (`PathfinderSettings`) and `seed` serve those.
     """
     ratio = check_ratio(ratio)
-    from moe_jax.pruning import experts  # noqa: PLC0415  (experts imports this module's siblings)
-
-    if method in experts.EXPERT_METHODS:
+    if method in EXPERT_METHODS:
         try:
             scores.check_model(cfg)
         except ScoringError as err:
             raise PlanError(str(err)) from None
-        return experts.select_experts(cfg, scores, method, scope, ratio, params=params, settings=pathfinder,
-                                      seed=seed)
+        return select_experts(cfg, scores, method, scope, ratio, params=params, settings=pathfinder,
+                              seed=seed)
     if scope not in SCOPES:
         raise PlanError(f"scope={scope!r}: expected one of {SCOPES}")
     if method not in scores:

@@ -30,13 +30,13 @@ import optax
 
 from moe_jax.config import ModelConfig
 from moe_jax.model import transformer
+from moe_jax.reporting import atomic_write
 from moe_jax.scoring import trajectory
 from moe_jax.scoring.statistics import (
     DIM_STATISTICS,
     STATISTICS,
     Scores,
     ScoringError,
-    atomic_write_bytes,
     magnitude,
     random_scores,
 )
@@ -164,8 +164,8 @@ def _score_step(cfg: ModelConfig, params: Params, rows, *, want_grad: bool, want
 class _State:
     """Host accumulators (float64) and progress; saved and restored as one .npz."""
 
-    def __init__(self, fingerprint: str):
-        self.fingerprint = fingerprint
+    def __init__(self, fingerprint: str, sample_cap: int = 0):
+        self.fingerprint, self.sample_cap = fingerprint, sample_cap
         self.batches_done = 0
         self.num_tokens = 0
         self.num_sequences = 0
@@ -195,8 +195,6 @@ class _State:
                     new = np.asarray(arr, np.float64)[real_B]
                     acc[layer] = np.concatenate([acc[layer], new]) if layer in acc else new
 
-    sample_cap = 0
-
     def save(self, path: Path) -> None:
         arrays = {f"{s}/{lyr}": a for s, per in self.sums.items() for lyr, a in per.items()}
         arrays.update({f"rows:{s}/{lyr}": a for s, per in self.rows.items() for lyr, a in per.items()})
@@ -205,10 +203,10 @@ class _State:
         arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write(path, buf.getvalue())
 
     @classmethod
-    def restore(cls, path: Path, fingerprint: str) -> _State:
+    def restore(cls, path: Path, fingerprint: str, sample_cap: int = 0) -> _State:
         try:
             with np.load(path) as z:
                 header = json.loads(bytes(z["__header__"]).decode())
@@ -218,7 +216,7 @@ class _State:
         if header.get("fingerprint") != fingerprint:
             raise ScoringError(f"{path}: this scoring checkpoint belongs to another run (different model, "
                                "statistics or settings); delete it or choose another checkpoint_path")
-        state = cls(fingerprint)
+        state = cls(fingerprint, sample_cap)
         state.batches_done, state.num_tokens = header["batches_done"], header["num_tokens"]
         state.num_sequences = header["num_sequences"]
         for key, arr in arrays.items():
@@ -230,14 +228,19 @@ class _State:
         return state
 
 
-def _fingerprint(cfg: ModelConfig, params: Params, statistics: Sequence[str], micro_batch_size: int,
-                 seed: int, data_id: str) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    h.update(json.dumps([cfg.to_json(), list(statistics), micro_batch_size, seed, data_id]).encode())
-    # A cheap digest of the weights: the router kernels decide everything scored here.
+def model_digest(cfg: ModelConfig, params: Params) -> str:
+    """The config and a cheap digest of the weights (the router kernels decide everything scored
+    here): enough to tell scores of one model from another's."""
+    h = hashlib.blake2b(cfg.to_json().encode(), digest_size=8)
     for i in cfg.moe_layers:
         h.update(np.asarray(params[cfg.layer_name(i)]["moe"]["router"]["kernel"], np.float32).tobytes())
     return h.hexdigest()
+
+
+def _fingerprint(cfg: ModelConfig, params: Params, statistics: Sequence[str], micro_batch_size: int,
+                 seed: int, data_id: str) -> str:
+    key = json.dumps([model_digest(cfg, params), list(statistics), micro_batch_size, seed, data_id])
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
 # ============================================================================ collect
@@ -269,8 +272,8 @@ def collect(cfg: ModelConfig, params: Params, batches: Iterable[Batch], statisti
     want_dense = "recon_dense" in statistics
     fingerprint = _fingerprint(cfg, params, statistics, micro_batch_size, seed, data_id)
     ckpt = Path(checkpoint_path) if checkpoint_path else None
-    state = _State.restore(ckpt, fingerprint) if ckpt and ckpt.exists() else _State(fingerprint)
-    state.sample_cap = sample_tokens if want_traj else 0
+    cap = sample_tokens if want_traj else 0
+    state = _State.restore(ckpt, fingerprint, cap) if ckpt and ckpt.exists() else _State(fingerprint, cap)
     if state.batches_done:
         log.info("scoring: resuming from %s after %d batches", ckpt, state.batches_done)
 
@@ -293,10 +296,6 @@ def collect(cfg: ModelConfig, params: Params, batches: Iterable[Batch], statisti
             raise ScoringError("no calibration tokens: the batches were empty or every loss weight was 0 "
                                f"({state.batches_done} batches seen); give batches with real tokens")
     return _finish(cfg, params, state, statistics, seed)
-
-
-def want_traj_stats(statistics) -> bool:
-    return any(s in statistics for s in _TRAJ_STATS)
 
 
 def _progress(total, initial, enabled):
@@ -334,7 +333,7 @@ def _finish(cfg: ModelConfig, params: Params, state: _State, statistics: Sequenc
         values["expert_prob_mass"] = {lyr: sums["prob_mass"][lyr] for lyr in widths}
         values["expert_reap"] = {lyr: sums["weighted_out_norm_sum"][lyr] / np.maximum(sums["count"][lyr], 1.0)
                                  for lyr in widths}
-    if want_traj_stats(statistics):
+    if any(s in statistics for s in _TRAJ_STATS):
         count = {lyr: np.maximum(sums["count_traj"][lyr], 1.0) for lyr in widths}
         values["expert_recon_routed"] = {lyr: sums["recon_routed_sum"][lyr] / count[lyr] for lyr in widths}
         values["transitions"] = dict(sums.get("transitions", {}))

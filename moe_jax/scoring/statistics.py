@@ -27,7 +27,6 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import numpy as np
 
 from moe_jax.config import ModelConfig
 from moe_jax.model.layout import expert_weight
+from moe_jax.reporting import atomic_write
 
 DIM_STATISTICS = ("fisher", "grad_abs", "activation", "router_weighted", "magnitude", "random")
 EXPERT_STATISTICS = ("expert_count", "expert_prob_mass", "expert_reap")
@@ -105,7 +105,7 @@ class Scores:
         arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        return atomic_write_bytes(path, buf.getvalue())
+        return atomic_write(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Scores:
@@ -122,20 +122,6 @@ class Scores:
             raise ScoringError(f"{path}: not a scores file written by Scores.save ({err})") from err
         return cls(values, {k: tuple(v) for k, v in header["widths"].items()}, header["num_sequences"],
                    header["num_tokens"], header.get("meta", {}))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def padded(cfg: ModelConfig, layer: int, per_expert: list[np.ndarray]) -> np.ndarray:
