@@ -45,6 +45,7 @@ class Routing(NamedTuple):
     scores_TE: jax.Array  # float32 softmax probabilities or sigmoid scores (0 where masked)
     idx_TK: jax.Array  # int32 chosen experts, best first
     weights_TK: jax.Array  # float32 combine weights (normalised if configured, then scaled)
+    active_TK: jax.Array | None = None  # bool, False where run-time trimming dropped the choice
 
 
 # ======================================================================================= routing
@@ -124,6 +125,40 @@ def _limit_to_groups(cfg: ModelConfig, choice_TE: jax.Array) -> jax.Array:
     return jnp.where(keep_TG[..., None], grouped_TGN, -jnp.inf).reshape(T, E)
 
 
+def trim(routing: Routing, tau: jax.Array | float = 0.0, top_p: jax.Array | float = 1.0,
+         max_active: jax.Array | int | None = None) -> Routing:
+    """Drop the chosen experts that would contribute little to each token (dynamic trimming).
+
+    On the gates renormalised over the K chosen experts, g_k = w_k / sum_j w_j, a choice
+    survives when g_k >= tau, when the gates ranked above it hold less than `top_p` of the
+    mass, and when its rank is below `max_active`; each token keeps its largest gate. The
+    survivors' weights are rescaled to the K chosen experts' total, so normalised routers stay
+    normalised and unnormalised ones keep their output scale. Arguments may be traced arrays
+    (one compilation serves every threshold); tau = 0, top_p >= 1, max_active >= K reproduce
+    the untrimmed routing exactly. Dropped choices get weight 0 and `active_TK` False, and
+    `experts_forward` skips their work.
+    """
+    w_TK = routing.weights_TK
+    K = w_TK.shape[-1]
+    total_T1 = jnp.sum(w_TK, axis=-1, keepdims=True)
+    g_TK = w_TK / (total_T1 + 1e-20)
+    order_TK = jnp.argsort(-g_TK, axis=-1, stable=True)
+    rank_TK = jnp.argsort(order_TK, axis=-1, stable=True)
+    g_sorted_TK = jnp.take_along_axis(g_TK, order_TK, axis=-1)
+    mass_above_TK = jnp.take_along_axis(jnp.cumsum(g_sorted_TK, axis=-1) - g_sorted_TK, rank_TK, axis=-1)
+    top_p = jnp.asarray(top_p, _F32)
+    max_active = K if max_active is None else max_active
+    keep_TK = ((g_TK >= jnp.asarray(tau, _F32)) & ((mass_above_TK < top_p) | (top_p >= 1.0))
+               & (rank_TK < jnp.asarray(max_active, jnp.int32)))
+    keep_TK = keep_TK | (rank_TK == 0)
+    if routing.active_TK is not None:
+        keep_TK = keep_TK & routing.active_TK
+    kept_T1 = jnp.sum(jnp.where(keep_TK, w_TK, 0.0), axis=-1, keepdims=True)
+    rescaled_TK = jnp.where(keep_TK, w_TK * (total_T1 / jnp.where(kept_T1 > 0, kept_T1, 1.0)), 0.0)
+    weights_TK = jnp.where(jnp.all(keep_TK, axis=-1, keepdims=True), w_TK, rescaled_TK)
+    return routing._replace(weights_TK=weights_TK.astype(_F32), active_TK=keep_TK)
+
+
 # =============================================================================== expert dispatch
 class _Layer(NamedTuple):
     """Static facts about one layer's experts."""
@@ -142,7 +177,8 @@ class _Rows(NamedTuple):
     tok_R: jax.Array
     exp_R: jax.Array
     w_R: jax.Array
-    v_R: jax.Array  # 1 where the row's token counts in the statistics, 0 for padding
+    v_R: jax.Array  # 1 where the row's token counts in the statistics, 0 for padding and dropped rows
+    active_R: jax.Array | None  # bool, False for rows that trimming dropped (None: all run)
 
 
 def experts_forward(
@@ -166,7 +202,9 @@ def experts_forward(
 
     Args:
       experts_params: `{bucket_b: {gate (E_b,D,F_b), up (E_b,D,F_b), down (E_b,F_b,D)}}`.
-      routing: a `Routing`, or `(idx_TK, weights_TK)`.
+      routing: a `Routing`, or `(idx_TK, weights_TK)`. Rows a trimmed routing marks inactive
+        (`active_TK` False) are not run by "blocked" (fewer blocks: real work saved); the
+        reference paths run them and weight them 0. Either way they count in no statistic.
       dims_mask: None, (E, F_max), or (S, E, F_max) with `seq_id_T` (T,) naming each token's
         sequence. It scales the intermediate activations; its gradient is the Fisher signal.
       impl: one of `IMPLS`; "auto" is "blocked".
@@ -181,7 +219,10 @@ def experts_forward(
     not forward mode (jvp); use "ragged" or "dense" there.
     """
     info = _layer_info(cfg, layer, experts_params)
-    idx_TK, weights_TK = (routing.idx_TK, routing.weights_TK) if isinstance(routing, Routing) else routing
+    if isinstance(routing, Routing):
+        idx_TK, weights_TK, active_TK = routing.idx_TK, routing.weights_TK, routing.active_TK
+    else:
+        (idx_TK, weights_TK), active_TK = routing, None
     x_TD, idx_TK, weights_TK = jnp.asarray(x_TD), jnp.asarray(idx_TK, jnp.int32), jnp.asarray(weights_TK)
     if x_TD.ndim != 2 or x_TD.shape[1] != cfg.hidden_size:
         raise ValueError(f"experts_forward: x_TD has shape {x_TD.shape}, expected (T, {cfg.hidden_size})")
@@ -198,11 +239,19 @@ def experts_forward(
     valid_T = jnp.ones(T, _F32) if token_valid_T is None else jnp.asarray(token_valid_T).astype(_F32)
     if valid_T.shape != (T,):
         raise ValueError(f"experts_forward: token_valid_T has shape {valid_T.shape}, expected ({T},)")
+    if active_TK is not None:
+        active_TK = jnp.asarray(active_TK, bool)
+        if active_TK.shape != idx_TK.shape:
+            raise ValueError(f"experts_forward: active_TK has shape {active_TK.shape}, expected {idx_TK.shape}")
+        weights_TK = jnp.where(active_TK, weights_TK, 0)
     if impl == "dense":
-        return _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, collect_stats, valid_T)
+        return _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, collect_stats, valid_T,
+                      active_TK)
     K = idx_TK.shape[1]
     tok_R = jnp.repeat(jnp.arange(T, dtype=jnp.int32), K)
-    rows = _Rows(tok_R, idx_TK.reshape(-1), weights_TK.reshape(-1), valid_T[tok_R])
+    active_R = None if active_TK is None else active_TK.reshape(-1)
+    v_R = valid_T[tok_R] if active_R is None else valid_T[tok_R] * active_R
+    rows = _Rows(tok_R, idx_TK.reshape(-1), weights_TK.reshape(-1), v_R, active_R)
     if impl == "blocked":
         B = block_rows_for(T, K, info.E) if block_rows is None else int(block_rows)
         if B < 1:
@@ -292,9 +341,11 @@ def _row_stats(info: _Layer, rows: _Rows, out_RD, act_abs_EF, act_wabs_EF):
 
 
 # ----------------------------------------------------------------------------- dense reference
-def _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, collect_stats, valid_T):
+def _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, collect_stats, valid_T, active_TK):
     T, D = x_TD.shape
     onehot_TKE = jax.nn.one_hot(idx_TK, info.E, dtype=_F32)
+    if active_TK is not None:
+        onehot_TKE = onehot_TKE * active_TK[..., None]
     sel_TE = onehot_TKE.sum(1)
     comb_TE = jnp.einsum("tk,tke->te", weights_TK.astype(_F32), onehot_TKE, precision=_EXACT)
     y_TD = jnp.zeros((T, D), _F32)
@@ -413,16 +464,20 @@ def _blocked(info, experts_params, x_TD, rows, mask, seq_id_T, collect_stats, B)
     NB = max(1, min((R + min(E, R) * (B - 1)) // B, E * -(-T // B)))
 
     # Layout: p = the expert's position in bucket order; sorted row -> slot = block * B + offset.
+    # Rows dropped by trimming get position E: sorted last, in no block, never run (output 0).
     pos_R = jnp.asarray(np.argsort(info.order).astype(np.int32))[rows.exp_R]
+    if rows.active_R is not None:
+        pos_R = jnp.where(rows.active_R, pos_R, E)
     perm = jnp.argsort(pos_R, stable=True)
-    sizes_P = jnp.bincount(pos_R, length=E).astype(jnp.int32)
+    sizes_P = jnp.bincount(pos_R, length=E + 1)[:E].astype(jnp.int32)
     blocks_P = (sizes_P + B - 1) // B
     blk_end_P = jnp.cumsum(blocks_P)
     pos_sorted = pos_R[perm]
+    run_sorted, pos_sorted = pos_sorted < E, jnp.minimum(pos_sorted, E - 1)
     rank_sorted = jnp.arange(R, dtype=jnp.int32) - (jnp.cumsum(sizes_P) - sizes_P)[pos_sorted]
-    slot_sorted = (blk_end_P - blocks_P)[pos_sorted] * B + rank_sorted
+    slot_sorted = jnp.where(run_sorted, (blk_end_P - blocks_P)[pos_sorted] * B + rank_sorted, NB * B)
     slot_R = jnp.zeros(R, jnp.int32).at[perm].set(slot_sorted, unique_indices=True)
-    src_S = jnp.full(NB * B, R, jnp.int32).at[slot_sorted].set(perm, unique_indices=True)
+    src_S = jnp.full(NB * B + 1, R, jnp.int32).at[slot_sorted].set(perm)[:NB * B]  # slot NB*B: dropped rows
     filled_S, src_S = src_S < R, jnp.minimum(src_S, R - 1)  # empty slots hold zeros
 
     x_NBD = jnp.where(filled_S[:, None], x_TD[rows.tok_R[src_S]], 0).reshape(NB, B, D)
@@ -442,7 +497,10 @@ def _blocked(info, experts_params, x_TD, rows, mask, seq_id_T, collect_stats, B)
     masks = None if mask is None else tuple(_bucket_mask(mask, bucket) for bucket in info.buckets)
 
     out_NBD, sums = _block_ffn(collect_stats)(weights, masks, x_NBD, tuple(plans), seq_NB, w_NB)
-    out_RD = out_NBD.reshape(NB * B, D)[slot_R]
+    out_SD = out_NBD.reshape(NB * B, D)
+    if rows.active_R is not None:  # dropped rows read the zero row appended at slot NB*B
+        out_SD = jnp.concatenate([out_SD, jnp.zeros((1, D), _F32)])
+    out_RD = out_SD[slot_R]
     if not collect_stats:
         return out_RD, None
     pad = lambda a, bucket: jnp.pad(a, ((0, 0), (0, info.F_max - bucket.width)))

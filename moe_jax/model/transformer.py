@@ -94,6 +94,8 @@ class MoEBlock(nn.Module):
         seq_id_T = jnp.repeat(jnp.arange(B, dtype=jnp.int32), T)
         layer_masks = layer_masks or {}
         routing = moe.route(cfg, layer, p, x_TD, expert_mask=_per_token(layer_masks.get("experts"), seq_id_T))
+        if "trim" in layer_masks:
+            routing = moe.trim(routing, **layer_masks["trim"])
         y_TD, stats = moe.experts_forward(
             cfg, layer, experts, x_TD, routing,
             dims_mask=layer_masks.get("dims"), seq_id_T=seq_id_T,
@@ -109,6 +111,8 @@ class MoEBlock(nn.Module):
             y_BTD = y_BTD + shared
         aux = {}
         if "routing" in capture:
+            if routing.active_TK is None:
+                routing = routing._replace(active_TK=jnp.ones(routing.idx_TK.shape, bool))
             aux.update({k: v.reshape(B, T, -1) for k, v in routing._asdict().items()})
         if "activations" in capture:
             aux.update(stats)
@@ -289,11 +293,13 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, masks: dict | Non
             segment_ids: jax.Array | None = None, capture: Sequence[str] = (), impl: str = "auto"):
     """Logits (B, T, V) in float32; with `capture`, also a dict of per-MoE-layer captures.
 
-    masks: {layer_name: {"dims": (E, F) | (B, E, F), "experts": (E,) | (B, E)}}.
+    masks: {layer_name: {"dims": (E, F) | (B, E, F), "experts": (E,) | (B, E),
+      "trim": {"tau", "top_p", "max_active"}}}: pruning simulated by masks, and run-time
+      trimming (`moe.trim`; build it with `moe_jax.trimming.TrimmingPolicy.masks`).
     attention_mask: (B, T) 1 for real tokens (left padding supported).
     segment_ids: (B, T) packed rows: token attends only within its segment (id k > 0 for the
     k-th example of the row, 0 for padding); positions then restart at each segment.
-    capture: any of "routing" (logits/scores/idx/weights per token), "activations" (per-expert
+    capture: any of "routing" (logits/scores/idx/weights/active per token), "activations" (per-expert
     sums of |h| and output norms over real tokens: padding and segment id 0 excluded),
     "moe_inputs" (the MoE block's input).
     """
