@@ -65,7 +65,7 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _summary_writer_class():
+def summary_writer_class():
     """tensorboardX.SummaryWriter, imported without torch when torch is not loaded yet:
     tensorboardX tries an optional ``import torch`` that costs ~10 s and is not needed here."""
     if "torch" in sys.modules or "tensorboardX" in sys.modules:
@@ -96,7 +96,7 @@ class MetricsLog:
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             _write_atomic(self.path, "".join(line + "\n" for line in kept))
         purge = resume_step + 1 if resume_step else None
-        self.tb = _summary_writer_class()(str(workdir / "tb"), purge_step=purge)
+        self.tb = summary_writer_class()(str(workdir / "tb"), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}

@@ -216,7 +216,7 @@ def _token_stats(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, attenti
     return nll_BT, {name: layer["idx_TK"] for name, layer in aux.items()}
 
 
-def _batch_masks(batch: Batch | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def batch_arrays(batch: Batch | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(tokens, real-token mask, answer weights or None) of one batch."""
     if not isinstance(batch, Mapping):
         batch = {"tokens": batch}
@@ -245,7 +245,7 @@ def _scan(cfg: ModelConfig, params: Params, batches: DomainBatches, masks: dict 
         counts = {cfg.layer_name(i): np.zeros(cfg.experts_per_layer[i], np.int64) for i in cfg.moe_layers}
         tokens_seen, answer_seen = 0, False
         for batch in domain_batches:
-            tokens, real, answer = _batch_masks(batch)
+            tokens, real, answer = batch_arrays(batch)
             nll, idx = _token_stats(cfg, params, jnp.asarray(tokens), jnp.asarray(real), masks)
             nll = np.asarray(nll, np.float64)
             # A target counts when it and its predecessor are real (left padding has no context).
@@ -361,8 +361,12 @@ def model_size(cfg: ModelConfig, params: Params) -> dict[str, Any]:
 
 
 def throughput(cfg: ModelConfig, params: Params, *, batch_size: int = 8, prompt_len: int = 64,
-               new_tokens: int = 32, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
+               new_tokens: int = 32, repeats: int = 3, seed: int = 0, masks: dict | None = None,
+               prompts: np.ndarray | None = None) -> dict[str, Any]:
     """Prefill and decode tokens/s of KV-cached greedy generation on random prompts, and peak memory.
+
+    prompts: a (batch_size, prompt_len) token array to use instead of random tokens (routing,
+    and so trimming, depends on the text). masks: as in `forward` (pruning or trimming).
 
     Prefill time is `generate` with one new token; decode time is the extra time of
     `new_tokens` new tokens (EOS disabled, so every row decodes them all). Medians of
@@ -370,8 +374,14 @@ def throughput(cfg: ModelConfig, params: Params, *, batch_size: int = 8, prompt_
     """
     if new_tokens < 2 or repeats < 1:
         raise ValueError(f"throughput: need new_tokens >= 2 and repeats >= 1, got {new_tokens}, {repeats}")
-    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch_size, prompt_len), dtype=np.int32)
-    run = lambda n: decode.generate(cfg, params, tokens, n, eos_id=None)  # noqa: E731
+    if prompts is None:
+        tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch_size, prompt_len), dtype=np.int32)
+    else:
+        tokens = np.asarray(prompts, np.int32)
+        if tokens.shape != (batch_size, prompt_len):
+            raise ValueError(f"throughput: prompts have shape {tokens.shape}, expected (batch_size, prompt_len) = "
+                             f"{(batch_size, prompt_len)}")
+    run = lambda n: decode.generate(cfg, params, tokens, n, eos_id=None, masks=masks)  # noqa: E731
     prefill_s = _median_seconds(lambda: run(1), repeats)
     full_s = _median_seconds(lambda: run(new_tokens), repeats)
     decode_s = full_s - prefill_s

@@ -119,6 +119,9 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)  # mkstemp makes the file 0600; give it the permissions open() would
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -213,7 +216,9 @@ class ResumableRuns:
         atomic_write(self.path, json.dumps(_jsonable(self.data)))
 
 
-def plot_lines(path: Path, panels: dict[str, dict[str, tuple[list, list]]], xlabel: str, logx: bool) -> None:
+def plot_lines(path: Path, panels: dict[str, dict[str, tuple[list, list]]], xlabel: str, logx: bool,
+               ylabel: str = "exact match") -> None:
+    """One panel per entry of `panels` ({title: {line name: (xs, ys)}}), y in [0, 1], written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -228,7 +233,7 @@ def plot_lines(path: Path, panels: dict[str, dict[str, tuple[list, list]]], xlab
         ax.set_ylim(-0.02, 1.02)
         if logx:
             ax.set_xscale("log", base=2)
-    axes[0].set_ylabel("exact match", fontsize=8)
+    axes[0].set_ylabel(ylabel, fontsize=8)
     axes[-1].legend(fontsize=7)
     fig.savefig(str(path.with_suffix(".tmp.png")), dpi=110)
     path.with_suffix(".tmp.png").replace(path)
