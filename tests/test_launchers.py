@@ -115,3 +115,24 @@ def test_pathfinder_study_smoke(tmp_path):
     assert report["results"]["pathfinder/global/0.25"]["routed_bytes_kept"] == 0.75
     assert report["recon_cost"]["qwen1.5_layer"]["dense_over_routed"] > 0
     assert (tmp_path / "kept_experts_25.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="no committed model")
+def test_trimming_study_smoke(tmp_path):
+    result = _launch("trimming.py", "trimming.py", tmp_path, "--config.n_per_domain=2",
+                     "--config.calibration.n_per_domain=3", "--config.targets=(0.7,)", "--config.modes=('global',)",
+                     "--config.sweep_taus=(0.5,)", "--config.latency.repeats=1", "--config.latency.rounds=1",
+                     "--config.latency.new_tokens=4", "--config.latency.prompt_len=16", "--config.telemetry_batches=3",
+                     "--config.comparison_rows=False")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = report["results"]
+    assert set(rows) == {"standard top-2", "trimmed global @ 0.7"}
+    assert rows["standard top-2"]["routed_vs_top_k"] == 1.0
+    assert abs(rows["trimmed global @ 0.7"]["routed_vs_top_k"] - 0.7) < 0.1
+    assert rows["trimmed global @ 0.7"]["decode_latency_ms_per_token"] > 0
+    policy = json.loads((tmp_path / "policies" / "global_0.7.json").read_text())
+    assert policy["calibration"]["target"] == 0.7 and policy["router_fingerprint"]
+    for png in ("curves.png", "telemetry/standard/load.png", "telemetry/trimmed_global_0.7/rotation.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert "| standard top-2 |" in (tmp_path / "report.md").read_text()
