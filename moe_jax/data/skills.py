@@ -19,10 +19,11 @@ Domains (format, then one example; ``⏎`` marks the trailing SEP of the prompt)
     three, so a model must memorise the fact and answer it under a phrasing it never saw *for
     that fact* (it saw that phrasing for other facts).
     ``Which city is home to Tibes?⏎`` -> ``Mirren`` (held out for Tibes; its other three are trained)
-``code`` (program tracing + stack): half are 2-op traces of one variable (``+=k``, ``-=k``,
-    ``*=2``; values 0..99), half ask for the closing brackets of an unbalanced prefix that
-    may contain already-closed pairs (a stack task).
-    ``x=3;x+=2;x*=2;print(x)⏎`` -> ``10`` and ``close: ([]{(⏎`` -> ``)})``
+``code`` (program tracing + stack): half are variable-binding programs, 3-5 single
+    assignments of a digit or of an earlier variable (copies at most one deep), then a print
+    of one variable (a copy 85% of the time); half ask for the closing brackets of an
+    unbalanced prefix that may contain already-closed pairs (a stack task).
+    ``a=3;x=a;b=5;print(x)⏎`` -> ``3`` and ``close: ([]{(⏎`` -> ``)})``
 ``language`` (agreement cloze): inflect the bracketed verb to agree with the head noun of a
     subject carrying an attractor noun (prepositional phrase or object relative clause),
     with irregular plurals (mice, children, men, wolves) and verbs (is/are, has/have, goes).
