@@ -32,6 +32,7 @@ from moe_jax import evaluation, reporting
 from moe_jax.checkpoint import summary_writer_class
 from moe_jax.config import ModelConfig
 from moe_jax.model import transformer
+from moe_jax.trimming import expert_param_counts
 
 
 def _jaccard(a: set, b: set) -> float:
@@ -52,8 +53,7 @@ class RoutingTelemetry:
     def __init__(self, cfg: ModelConfig, log_dir: str | os.PathLike | None = None):
         self.cfg = cfg
         self.names = [cfg.layer_name(i) for i in cfg.moe_layers]
-        self.expert_params = {cfg.layer_name(i): 3 * cfg.hidden_size * np.asarray(cfg.expert_widths[i], np.int64)
-                              for i in cfg.moe_layers}
+        self.expert_params = {n: p.astype(np.int64) for n, p in expert_param_counts(cfg).items()}
         K = cfg.num_experts_per_tok
         self.load = {n: np.zeros(cfg.experts_per_layer[i], np.int64) for n, i in zip(self.names, cfg.moe_layers)}
         self.hist = {n: np.zeros(K + 1, np.int64) for n in self.names}
