@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
                     repeats=c.repeats, prompts=prompts))
         base = None
         for m in rows:
-            med = {k: float(np.median([r[k] for r in measured[m]])) for k in (
+            med = {k: float(np.median([r[k] for r in measured[m] if r[k] is not None])) for k in (
                 "prefill_latency_ms_per_token", "decode_latency_ms_per_token", "prefill_tokens_per_s",
                 "decode_tokens_per_s")}
             base = base or med

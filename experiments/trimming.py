@@ -56,6 +56,13 @@ def real_prompts(tokenizer, examples, batch_size: int, length: int) -> np.ndarra
     return np.asarray(stream[:batch_size * length], np.int32).reshape(batch_size, length)
 
 
+def _median(values: list) -> float | None:
+    """Median of the rounds that produced a number (decode time can come out <= 0, hence None, when
+    noise exceeds a very short decode)."""
+    numbers = [v for v in values if v is not None]
+    return float(np.median(numbers)) if numbers else None
+
+
 def add_pruned_rows(config, cfg, params, tok, calib, workdir: Path, models: dict, rows: dict) -> None:
     """Fisher-MoE and Pathfinder at `prune_ratio` (compacted) and Fisher-MoE + trimming, added to
     `models` and `rows`; the pruning statistics use the full-sequence loss as their launchers do."""
@@ -160,11 +167,11 @@ def main(argv: list[str]) -> None:
         results[label].update(rounds[-1])
         for key in ("prefill_latency_ms_per_token", "decode_latency_ms_per_token", "prefill_tokens_per_s",
                     "decode_tokens_per_s"):
-            results[label][key] = float(np.median([m[key] for m in rounds]))
+            results[label][key] = _median([m[key] for m in rounds])
         r = results[label]
         r["routed_vs_top_k"] = r["active_routed_params"] / standard_routed
         print(f"{label}: mean EM {r['mean_em']:.3f}, routed params/token {r['active_routed_params']:.0f} "
-              f"({r['routed_vs_top_k']:.2f} of top-k), decode {r['decode_latency_ms_per_token']:.2f} ms/token")
+              f"({r['routed_vs_top_k']:.2f} of top-k), decode {fmt(r['decode_latency_ms_per_token'], 2)} ms/token")
 
     # 4. tau sweep: accuracy against the active fraction
     sweep = []

@@ -122,7 +122,7 @@ def test_trimming_study_smoke(tmp_path):
     result = _launch("trimming.py", "trimming.py", tmp_path, "--config.n_per_domain=2",
                      "--config.calibration.n_per_domain=3", "--config.targets=(0.7,)", "--config.modes=('global',)",
                      "--config.sweep_taus=(0.5,)", "--config.latency.repeats=1", "--config.latency.rounds=1",
-                     "--config.latency.new_tokens=4", "--config.latency.prompt_len=16", "--config.telemetry_batches=3",
+                     "--config.latency.new_tokens=16", "--config.latency.prompt_len=16", "--config.telemetry_batches=3",
                      "--config.comparison_rows=False")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
