@@ -54,6 +54,14 @@ def _sample(logits_BV, rng, temperature: float, top_p: float):
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _without_forced_routes(masks):
+    """Route forcing ("force", (B, P, E)) covers the prompt only: decode steps route freely."""
+    if not masks:
+        return masks
+    return {name: ({k: v for k, v in m.items() if k != "force"} if isinstance(m, dict) else m)
+            for name, m in masks.items()}
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_p", "impl"))
 def _generate(cfg, params, tokens_BP, mask_BP, rng, eos_id, pad_id, masks, *, max_new_tokens, temperature, top_p,
               impl):
@@ -65,6 +73,7 @@ def _generate(cfg, params, tokens_BP, mask_BP, rng, eos_id, pad_id, masks, *, ma
     positions = default_positions(mask_BP)
     logits, cache, _ = apply(cfg, params, tokens_BP, positions, jnp.arange(P), key_valid, cache=cache,
                              index=0, masks=masks, impl=impl)
+    step_masks = _without_forced_routes(masks)
     next_pos = positions[:, -1] + 1
     rng, sub = jax.random.split(rng)
     first = _sample(logits[:, -1], sub, temperature, top_p)
@@ -79,7 +88,7 @@ def _generate(cfg, params, tokens_BP, mask_BP, rng, eos_id, pad_id, masks, *, ma
         step, out, cache, done, rng, pos = state
         token = out[:, step - 1]
         logits, cache, _ = apply(cfg, params, token[:, None], pos[:, None], (P + step - 1)[None], key_valid,
-                                 cache=cache, index=P + step - 1, masks=masks, impl=impl)
+                                 cache=cache, index=P + step - 1, masks=step_masks, impl=impl)
         rng, sub = jax.random.split(rng)
         nxt = _sample(logits[:, -1], sub, temperature, top_p)
         nxt = jnp.where(done, pad_id, nxt)
@@ -98,7 +107,9 @@ def generate(cfg: ModelConfig, params: dict, prompts, max_new_tokens: int = 32, 
     prompts: a list of token lists (any lengths), or a (B, P) array with `attention_mask`
     marking real tokens (left padding). Greedy when temperature == 0, otherwise temperature +
     top-p sampling from `rng`. After a row emits `eos_id` the rest of the row is `pad_id`.
-    masks: pruning masks as in `forward` (simulate a plan without recompiling per plan).
+    masks: pruning masks as in `forward` (simulate a plan without recompiling per plan); a
+      "force" entry (B, P, E) forces the prompt's routes during prefill only, as Unsafe
+      Routes' prefill-stage attack does.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

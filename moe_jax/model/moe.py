@@ -55,12 +55,17 @@ def route(
     moe_params: Mapping[str, Any],
     x_TD: jax.Array,
     expert_mask: jax.Array | None = None,
+    force_TE: jax.Array | None = None,
 ) -> Routing:
     """Choose the top-k experts of each token as `cfg`'s reference implementation does.
 
     `moe_params` holds `router/kernel` (D, E) and, when `cfg.router_bias`, `score_bias` (E,).
     `expert_mask` is None or a (T, E) 0/1 array: a masked expert gets logit -inf before
     scoring, so it is never chosen and softmax renormalises over the others.
+    `force_TE` (T, E) 0/1 restricts the *choice* to the allowed experts (route forcing), group
+    limits overridden; their weights stay the router's own scores, so forcing the router's own
+    top-k changes nothing. (Unsafe Routes' code instead masks the logits, which renormalises
+    the softmax over the forced set; with norm_topk_prob the two agree.)
     """
     E, K = cfg.experts_per_layer[layer], cfg.num_experts_per_tok
     kernel = moe_params["router"]["kernel"]
@@ -89,7 +94,9 @@ def route(
             choice_TE = choice_TE + jnp.asarray(moe_params["score_bias"], _F32)
     if keep_TE is not None:  # -inf, not 0: a masked expert must lose even to excluded groups' 0
         choice_TE = jnp.where(keep_TE, choice_TE, -jnp.inf)
-    if cfg.topk_method != "greedy":
+    if force_TE is not None:
+        choice_TE = jnp.where(jnp.asarray(force_TE) != 0, choice_TE, -jnp.inf)
+    elif cfg.topk_method != "greedy":
         choice_TE = _limit_to_groups(cfg, choice_TE)
 
     chosen_TK, idx_TK = jax.lax.top_k(choice_TE, K)

@@ -73,6 +73,14 @@ def _per_token(mask, seq_id_T):
     return mask[seq_id_T] if mask.ndim == 2 else jnp.broadcast_to(mask, (seq_id_T.shape[0],) + mask.shape)
 
 
+def _forced_routes(force_BTE, shape, layer):
+    """(B, T, E) allowed-expert rows (route forcing) -> (T, E) per flattened token."""
+    if tuple(force_BTE.shape) != shape:
+        raise ValueError(f"masks[layer {layer}]['force'] has shape {tuple(force_BTE.shape)}, expected (batch, "
+                         f"tokens, experts) = {shape}: one 0/1 row of allowed experts per token")
+    return force_BTE.reshape(shape[0] * shape[1], shape[2])
+
+
 class MoEBlock(nn.Module):
     """Router + routed experts (+ shared expert with optional sigmoid gate)."""
 
@@ -93,7 +101,11 @@ class MoEBlock(nn.Module):
         x_TD = x_BTD.reshape(B * T, D)
         seq_id_T = jnp.repeat(jnp.arange(B, dtype=jnp.int32), T)
         layer_masks = layer_masks or {}
-        routing = moe.route(cfg, layer, p, x_TD, expert_mask=_per_token(layer_masks.get("experts"), seq_id_T))
+        force_TE = None
+        if layer_masks.get("force") is not None:
+            force_TE = _forced_routes(layer_masks["force"], (B, T, E), layer)
+        routing = moe.route(cfg, layer, p, x_TD, expert_mask=_per_token(layer_masks.get("experts"), seq_id_T),
+                            force_TE=force_TE)
         if "trim" in layer_masks:
             routing = moe.trim(routing, **layer_masks["trim"])
         y_TD, stats = moe.experts_forward(
@@ -149,11 +161,13 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT, q_slot_T, key_valid_BS, cache=None, index=0, masks=None,
-                 capture=(), impl="auto", token_valid_BT=None):
+                 capture=(), impl="auto", token_valid_BT=None, embed_delta_BTD=None):
         cfg, dt = self.cfg, self.dtype
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=dt, dtype=dt,
                          embedding_init=_INIT, name="embed")
         x = embed(tokens_BT)
+        if embed_delta_BTD is not None:  # input-side attacks move the embeddings (safety.attacks)
+            x = x + embed_delta_BTD.astype(x.dtype)
         cos, sin = rope_cos_sin(cfg, positions_BT)
         masks = masks or {}
         new_cache, aux = {}, {}
@@ -245,16 +259,18 @@ def _param_dtype(params) -> Any:
 
 
 def apply(cfg: ModelConfig, params: dict, tokens_BT, positions_BT, q_slot_T, key_valid_BS, *, cache=None,
-          index=0, masks=None, capture: Sequence[str] = (), impl: str = "auto", token_valid_BT=None):
+          index=0, masks=None, capture: Sequence[str] = (), impl: str = "auto", token_valid_BT=None,
+          embed_delta_BTD=None):
     """Low-level call of the Linen module (no jit): returns (logits, cache, aux).
 
-    token_valid_BT: which tokens the "activations" statistics count (default: all)."""
+    token_valid_BT: which tokens the "activations" statistics count (default: all).
+    embed_delta_BTD: added to the token embeddings (gradients w.r.t. inputs, embedding attacks)."""
     unknown = set(capture) - set(CAPTURES)
     if unknown:
         raise ValueError(f"capture={tuple(capture)}: unknown item(s) {sorted(unknown)}; expected {CAPTURES}")
     module = Transformer(cfg, _param_dtype(params))
     return module.apply({"params": params}, tokens_BT, positions_BT, q_slot_T, key_valid_BS, cache, index,
-                        masks, tuple(capture), impl, token_valid_BT)
+                        masks, tuple(capture), impl, token_valid_BT, embed_delta_BTD)
 
 
 def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
@@ -274,7 +290,7 @@ def segment_mask(segment_ids_BT: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "capture", "impl"))
-def _forward(cfg, params, tokens, masks, attention_mask, positions, segment_ids, capture, impl):
+def _forward(cfg, params, tokens, masks, attention_mask, positions, segment_ids, capture, impl, embed_delta):
     B, T = tokens.shape
     if attention_mask is None:
         attention_mask = jnp.ones((B, T), bool) if segment_ids is None else segment_ids > 0
@@ -284,24 +300,29 @@ def _forward(cfg, params, tokens, masks, attention_mask, positions, segment_ids,
     if positions is None:
         positions = default_positions(attention_mask) if segment_ids is None else segment_positions(segment_ids)
     logits, _, aux = apply(cfg, params, tokens, positions, jnp.arange(T), key_valid,
-                           masks=masks, capture=capture, impl=impl, token_valid_BT=attention_mask.astype(bool))
+                           masks=masks, capture=capture, impl=impl, token_valid_BT=attention_mask.astype(bool),
+                           embed_delta_BTD=embed_delta)
     return logits, aux
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, masks: dict | None = None, *,
             attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-            segment_ids: jax.Array | None = None, capture: Sequence[str] = (), impl: str = "auto"):
+            segment_ids: jax.Array | None = None, capture: Sequence[str] = (), impl: str = "auto",
+            embed_delta: jax.Array | None = None):
     """Logits (B, T, V) in float32; with `capture`, also a dict of per-MoE-layer captures.
 
     masks: {layer_name: {"dims": (E, F) | (B, E, F), "experts": (E,) | (B, E),
-      "trim": {"tau", "top_p", "max_active"}}}: pruning simulated by masks, and run-time
-      trimming (`moe.trim`; build it with `moe_jax.trimming.TrimmingPolicy.masks`).
+      "trim": {"tau", "top_p", "max_active"}, "force": (B, T, E)}}: pruning simulated by masks,
+      run-time trimming (`moe.trim`; build it with `moe_jax.trimming.TrimmingPolicy.masks`), and
+      route forcing: "force" lists each token's allowed experts (0/1); the top-k is chosen among
+      them (`moe_jax.safety.attacks` forces a top-k set by allowing exactly k experts).
     attention_mask: (B, T) 1 for real tokens (left padding supported).
     segment_ids: (B, T) packed rows: token attends only within its segment (id k > 0 for the
     k-th example of the row, 0 for padding); positions then restart at each segment.
     capture: any of "routing" (logits/scores/idx/weights/active per token), "activations" (per-expert
     sums of |h| and output norms over real tokens: padding and segment id 0 excluded),
     "moe_inputs" (the MoE block's input).
+    embed_delta: (B, T, D) added to the token embeddings (input-side attacks, input gradients).
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2:
@@ -310,8 +331,11 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, masks: dict | Non
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
         if segment_ids.shape != tokens.shape:
             raise ValueError(f"segment_ids shape {segment_ids.shape} must equal tokens shape {tokens.shape}")
+    if embed_delta is not None and tuple(embed_delta.shape) != tokens.shape + (cfg.hidden_size,):
+        raise ValueError(f"embed_delta has shape {tuple(embed_delta.shape)}, expected (batch, length, hidden) = "
+                         f"{tokens.shape + (cfg.hidden_size,)}")
     logits, aux = _forward(cfg, params, tokens, masks, attention_mask, positions, segment_ids, tuple(capture),
-                           impl)
+                           impl, embed_delta)
     return (logits, aux) if capture else logits
 
 
