@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -36,8 +37,11 @@ _SIGNAL = {"frequency": "expert_count", "soft_count": "expert_prob_mass", "reap"
 
 def select_experts(cfg: ModelConfig, scores: Scores, method: str, allocation: str, ratio: float, *,
                    params: dict | None = None, settings: pf.PathfinderSettings | None = None,
-                   seed: int = 0) -> PruningPlan:
-    """A plan keeping whole experts (all their dims) chosen by `method` under `allocation`."""
+                   seed: int = 0, keep_experts: Mapping[int, Sequence[int]] | None = None) -> PruningPlan:
+    """A plan keeping whole experts (all their dims) chosen by `method` under `allocation`.
+
+    keep_experts: {layer: expert ids} always kept, inside the same budget (e.g. the
+    safety-critical experts of `moe_jax.safety.protect`)."""
     if method not in EXPERT_METHODS:
         raise PlanError(f"method={method!r}: expected one of {EXPERT_METHODS}")
     if allocation not in ALLOCATIONS:
@@ -49,11 +53,13 @@ def select_experts(cfg: ModelConfig, scores: Scores, method: str, allocation: st
         priority = pf.path_frequency(cfg, scores, settings)
         tiebreak = [np.asarray(scores["seq_prob_mass"][n]).sum(0) for n in names]
         kept = pf.keep_by_priority(cfg, priority, tiebreak, ratio, allocation,
-                                   pf.force_keep(cfg, scores, settings.force_keep_z))
+                                   _forced(cfg, pf.force_keep(cfg, scores, settings.force_keep_z), keep_experts))
         meta["path_frequency"] = [p.tolist() for p in priority]
     elif method == "naee":
         if allocation != "uniform":
             raise PlanError("naee searches each layer separately: use allocation 'uniform'")
+        if keep_experts:
+            raise PlanError("naee's exhaustive subset search takes no keep_experts; use another method")
         if params is None:
             raise PlanError("naee needs the model params (it runs the experts on the calibration sample)")
         kept, errors = {}, {}
@@ -70,13 +76,33 @@ def select_experts(cfg: ModelConfig, scores: Scores, method: str, allocation: st
                 raise PlanError(f"method {method!r} needs the statistic {_SIGNAL[method]!r}; collect "
                                 f"{'routing' if method in ('frequency', 'soft_count', 'reap') else 'trajectory'}")
             priority = [np.asarray(scores[_SIGNAL[method]][n], np.float64) for n in names]
-        kept = pf.keep_by_priority(cfg, priority, [np.zeros_like(p) for p in priority], ratio, allocation)
+        kept = pf.keep_by_priority(cfg, priority, [np.zeros_like(p) for p in priority], ratio, allocation,
+                                   _forced(cfg, None, keep_experts))
     widths = {i: tuple(cfg.expert_widths[i]) for i in cfg.moe_layers}
     dims = {i: {e: tuple(range(widths[i][e])) for e in kept[i]} for i in cfg.moe_layers}
     plan = PruningPlan(method, allocation, float(ratio), widths, {i: tuple(kept[i]) for i in cfg.moe_layers}, dims,
                        {**meta, "calibration_sequences": scores.num_sequences})
     plan.check(cfg)
     return plan
+
+
+def _forced(cfg: ModelConfig, outliers: list[np.ndarray] | None,
+            keep_experts: Mapping[int, Sequence[int]] | None) -> list[np.ndarray] | None:
+    """Union of Pathfinder's outlier force-keep and the caller's `keep_experts`, per MoE layer."""
+    if not keep_experts:
+        return outliers
+    out = []
+    for i, lyr in enumerate(cfg.moe_layers):
+        f = np.zeros(cfg.experts_per_layer[lyr], bool) if outliers is None else np.asarray(outliers[i], bool).copy()
+        for e in keep_experts.get(lyr, ()):
+            if not 0 <= int(e) < len(f):
+                raise PlanError(f"keep_experts: expert {e} does not exist in MoE layer {lyr} ({len(f)} experts)")
+            f[int(e)] = True
+        out.append(f)
+    bad = sorted(set(map(int, keep_experts)) - set(cfg.moe_layers))
+    if bad:
+        raise PlanError(f"keep_experts names layers {bad} that are not MoE layers ({list(cfg.moe_layers)})")
+    return out
 
 
 def _sample(scores: Scores, name: str) -> np.ndarray:

@@ -37,12 +37,13 @@ def check_ratio(ratio) -> float:
 
 def select(cfg: ModelConfig, scores: Scores, method: str = "fisher", scope: str = "global", ratio: float = 0.5,
            *, min_dims_per_expert: int = 1, drop_empty_experts: bool = False, params: dict | None = None,
-           pathfinder=None, seed: int = 0) -> PruningPlan:
+           pathfinder=None, seed: int = 0, keep_experts=None) -> PruningPlan:
     """A `PruningPlan` that removes `ratio` of the routed-expert dims ranked by ``scores[method]``.
 
     Whole-expert methods (`EXPERT_METHODS`: "pathfinder", "frequency", "reap", "naee",
     ...) remove `ratio` of the experts instead; their scope is the allocation, "uniform" or
-    "global". `params` (NAEE), `pathfinder` (`PathfinderSettings`) and `seed` serve those.
+    "global". `params` (NAEE), `pathfinder` (`PathfinderSettings`), `seed` and `keep_experts`
+    ({layer: ids} always kept, within the budget) serve those.
     """
     ratio = check_ratio(ratio)
     if method in EXPERT_METHODS:
@@ -51,7 +52,9 @@ def select(cfg: ModelConfig, scores: Scores, method: str = "fisher", scope: str 
         except ScoringError as err:
             raise PlanError(str(err)) from None
         return select_experts(cfg, scores, method, scope, ratio, params=params, settings=pathfinder,
-                              seed=seed)
+                              seed=seed, keep_experts=keep_experts)
+    if keep_experts:
+        raise PlanError(f"keep_experts applies to whole-expert methods {EXPERT_METHODS}, not {method!r}")
     if scope not in SCOPES:
         raise PlanError(f"scope={scope!r}: expected one of {SCOPES}")
     if method not in scores:
