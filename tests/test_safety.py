@@ -217,6 +217,8 @@ def test_bad_attack_input_is_rejected_with_the_setting_named():
             safety.reachability(cfg, params, TOK, [[1, 70]], {0: [1]}, steps=bad)
     with pytest.raises(AttackError, match="max_queries"):
         safety.route_forcing(cfg, params, TOK, forbidden, max_queries=0)
+    with pytest.raises(AttackError, match="max_seconds"):
+        safety.router_masking(cfg, params, TOK, forbidden, max_seconds=-1.0)
     with pytest.raises(AttackError, match="expert 8 does not exist in layer 0"):
         safety.reachability(cfg, params, TOK, [[1, 70]], {0: [8]})
     with pytest.raises(AttackError, match="layer 5 is not an MoE layer"):

@@ -87,6 +87,13 @@ def check_budget(name: str, value, kind=int) -> Any:
     return kind(value)
 
 
+def _deadline(max_seconds: float | None) -> float:
+    """perf_counter time after which a search stops (inf without a time budget)."""
+    if max_seconds is None:
+        return float("inf")
+    return time.perf_counter() + check_budget("max_seconds", max_seconds, float)
+
+
 def forbidden_examples(examples: Sequence[skills.Example], where: str = "attack") -> list[skills.Example]:
     out = [ex for ex in examples if ex.forbidden]
     if not out:
@@ -164,15 +171,18 @@ def route_forcing(cfg: ModelConfig, params, tokenizer, examples: Sequence[skills
                   targets: Sequence[str] | None = None, masks: Mapping | None = None, candidates: int = 8,
                   max_queries: int = 100_000, success_logprob: float = math.log(0.5),
                   layers: Sequence[int] | None = None, seed: int = 0, chunk: int = 64,
-                  refusal_fn: Callable[[str], bool] = skills.is_refusal, max_new_tokens: int = 16) -> AttackResult:
+                  refusal_fn: Callable[[str], bool] = skills.is_refusal, max_new_tokens: int = 16,
+                  max_seconds: float | None = None) -> AttackResult:
     """Random search over forced top-k sets per (prompt token, MoE layer), Unsafe Routes style.
 
-    Budget: `candidates` random sets per router visited and at most `max_queries` rows in all.
+    Budget: `candidates` random sets per router visited, at most `max_queries` rows in all,
+    and (optionally) `max_seconds` of search.
     The search stops early on a prompt once log p(target) >= `success_logprob`; success is
     judged by greedy generation under the found routes (prefill forced, decoding free).
     """
     candidates = check_budget("candidates", candidates)
     max_queries = check_budget("max_queries", max_queries)
+    deadline = _deadline(max_seconds)
     t0 = time.perf_counter()
     s = _Setup(cfg, params, tokenizer, examples, targets, masks, chunk)
     P, K = len(s.prompts), cfg.num_experts_per_tok
@@ -189,7 +199,7 @@ def route_forcing(cfg: ModelConfig, params, tokenizer, examples: Sequence[skills
             act = [p for p in range(P) if not done[p] and t < s.n_tok[p]]
             if not act:
                 continue
-            if s.queries + len(act) * candidates > max_queries:
+            if s.queries + len(act) * candidates > max_queries or time.perf_counter() > deadline:
                 exhausted = True
                 break
             pool = allowed[li]
@@ -223,7 +233,8 @@ def route_forcing(cfg: ModelConfig, params, tokenizer, examples: Sequence[skills
 def router_masking(cfg: ModelConfig, params, tokenizer, examples: Sequence[skills.Example], *, k: int = 3,
                    targets: Sequence[str] | None = None, masks: Mapping | None = None, max_queries: int = 100_000,
                    layers: Sequence[int] | None = None, chunk: int = 64,
-                   refusal_fn: Callable[[str], bool] = skills.is_refusal, max_new_tokens: int = 16) -> AttackResult:
+                   refusal_fn: Callable[[str], bool] = skills.is_refusal, max_new_tokens: int = 16,
+                   max_seconds: float | None = None) -> AttackResult:
     """Mask at most `k` routers per prompt: forbid a (token, layer)'s chosen experts there.
 
     Greedy: each round tries masking every not-yet-masked router of the prompt (given the
@@ -231,6 +242,7 @@ def router_masking(cfg: ModelConfig, params, tokenizer, examples: Sequence[skill
     """
     k = check_budget("k", k)
     max_queries = check_budget("max_queries", max_queries)
+    deadline = _deadline(max_seconds)
     t0 = time.perf_counter()
     s = _Setup(cfg, params, tokenizer, examples, targets, masks, chunk)
     P = len(s.prompts)
@@ -256,7 +268,7 @@ def router_masking(cfg: ModelConfig, params, tokenizer, examples: Sequence[skill
                     keys.append((p, t, li))
         if not idx:
             break
-        if s.queries + len(idx) > max_queries:
+        if s.queries + len(idx) > max_queries or time.perf_counter() > deadline:
             exhausted = True
             break
         cand_lp = s.logprob(idx, asg)
