@@ -200,6 +200,7 @@ class ResumableRuns:
     study started again with the same fingerprint skips what it has."""
 
     def __init__(self, path: Path, fingerprint: dict):
+        fingerprint = json.loads(json.dumps(_jsonable(fingerprint)))  # tuples -> lists, as read back
         self.path, self.data = path, {"fingerprint": fingerprint, "runs": {}}
         if path.exists():
             old = json.loads(path.read_text())
