@@ -58,37 +58,44 @@ def dormant_target(cfg, params, tok, examples) -> dict[int, list[int]]:
     return out
 
 
-def build_models(config, cfg, params, tok, critical_out: dict) -> dict:
-    """row key -> (cfg, params, masks, plan)."""
-    utility = scoring.collect(cfg, params, scoring.calibration_batches_from_config(config.calibration, tok),
-                              ["fisher", "routing", "trajectory"], micro_batch_size=config.calibration.micro_batch_size,
-                              progress=False)
-    safety_scores = scoring.collect(cfg, params,
-                                    scoring.calibration_batches_from_config(config.safety_calibration, tok),
-                                    ["fisher"], micro_batch_size=config.safety_calibration.micro_batch_size,
-                                    progress=False)
-    critical = safety.safety_critical(cfg, safety_scores, **config.critical.to_dict())
-    critical_out["critical"] = critical
-    ratio, models = config.ratio, {}
-    for key in config.rows:
+class Models:
+    """The rows' models, built on first use (a resumed run skips scoring what it has cached)."""
+
+    def __init__(self, config, cfg, params, tok):
+        self.config, self.cfg, self.params, self.tok = config, cfg, params, tok
+        c = config.safety_calibration
+        safety_scores = scoring.collect(cfg, params, scoring.calibration_batches_from_config(c, tok), ["fisher"],
+                                        micro_batch_size=c.micro_batch_size, progress=False)
+        self.critical = safety.safety_critical(cfg, safety_scores, **config.critical.to_dict())
+        self._utility = None
+
+    def utility(self):
+        if self._utility is None:
+            c = self.config.calibration
+            self._utility = scoring.collect(self.cfg, self.params, scoring.calibration_batches_from_config(c, self.tok),
+                                            ["fisher", "routing", "trajectory"], micro_batch_size=c.micro_batch_size,
+                                            progress=False)
+        return self._utility
+
+    def __getitem__(self, key: str):
+        """row key -> (cfg, params, masks, plan)."""
+        config, cfg, params = self.config, self.cfg, self.params
         if key == "unpruned":
-            models[key] = (cfg, params, None, None)
-        elif key == "trimmed":
-            calib = scoring.calibration_batches_from_config(config.trim_calibration, tok)
+            return cfg, params, None, None
+        if key == "trimmed":
+            calib = scoring.calibration_batches_from_config(config.trim_calibration, self.tok)
             policy = trimming.calibrate(cfg, params, calib, config.trim_target, mode="global",
                                         data_id=config.trim_calibration.data)
-            models[key] = (cfg, params, policy.masks(cfg, params), None)
+            return cfg, params, policy.masks(cfg, params), None
+        method, safe = key.split("_")[0], key.endswith("_safe")
+        if method == "fisher":
+            scores = safety.protect_scores(cfg, self.utility(), self.critical) if safe else self.utility()
+            plan = pruning.select(cfg, scores, "fisher", "global", config.ratio)
         else:
-            method = key.split("_")[0]
-            if method == "fisher":
-                scores = safety.protect_scores(cfg, utility, critical) if key.endswith("_safe") else utility
-                plan = pruning.select(cfg, scores, "fisher", "global", ratio)
-            else:
-                keep = critical.keep_experts() if key.endswith("_safe") else None
-                plan = pruning.select(cfg, utility, "pathfinder", "global", ratio, keep_experts=keep)
-            cfg2, params2 = pruning.apply(cfg, params, plan)
-            models[key] = (cfg2, params2, None, plan)
-    return models
+            plan = pruning.select(cfg, self.utility(), "pathfinder", "global", config.ratio,
+                                  keep_experts=self.critical.keep_experts() if safe else None)
+        cfg2, params2 = pruning.apply(cfg, params, plan)
+        return cfg2, params2, None, plan
 
 
 def evaluate_row(config, key, model, tok, examples, clean_rows, monitor_rows, target, critical, reference) -> dict:
@@ -148,13 +155,12 @@ def main(argv: list[str]) -> None:
         config.monitor.n_per_domain, config.seed + 1)], None, tok.pad_id)
     target = dormant_target(cfg, params, tok, safety_set)
     runs = reporting.ResumableRuns(workdir / "progress.json", {"config": config.to_dict(), "model": str(path)})
-    extra: dict = {}
-    models = build_models(config, cfg, params, tok, extra)
-    critical = extra["critical"]
+    models = Models(config, cfg, params, tok)
+    critical = models.critical
     results, reference = {}, None
     for key in config.rows:
         cached = runs.get(key)
-        if cached is not None and (reference is not None or key != "unpruned"):
+        if cached is not None and key != "unpruned":  # the unpruned row is re-run: its GCG suffix feeds transfer
             results[key] = cached
             print(f"{key}: cached")
             continue
