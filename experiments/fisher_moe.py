@@ -12,9 +12,10 @@
 4. Memory: parameter bytes before/after 50% for this model (compacted) and for the
    Qwen1.5-MoE-A2.7B config (`jax.eval_shape`, no weights).
 5. Throughput: prefill and decode tokens/s, unpruned vs 50% (expert and global scopes),
-   compacted, measured one after the other in this run, on this model and on a random-weight
-   model whose routed experts dominate its FLOPs (`config.heavy`; the global plan there keeps
-   the per-expert fractions that Fisher-global chose on this model).
+   compacted, measured one after the other in this run, on this model (unless
+   `config.throughput_this_model` is False) and on a random-weight model whose routed experts
+   dominate its FLOPs (`config.heavy`; the global plan there keeps the per-expert fractions that
+   Fisher-global chose on this model).
 6. Ablation: Fisher of the answer tokens only, against the full-sequence default.
 
 Results: WORKDIR/report.md, report.json, sweep.png, sensitivity.png. Evaluations done are kept
@@ -62,7 +63,8 @@ QWEN15_MOE_A27B = {  # config.json of Qwen/Qwen1.5-MoE-A2.7B (no weights needed)
 
 # ============================================================================ pieces
 def top_k_removed_masks(cfg: ModelConfig, ranking: dict[str, np.ndarray], k: int):
-    """Masks that remove the k highest-ranked dims of the whole model (NaN = no such dim)."""
+    """Masks that remove the k highest-ranked dims of the whole model (NaN = no such dim); every
+    expert kept, in the structure of `pruning.masks`, so the sweep's compiled evaluation serves these too."""
     flat = [(cfg.layer_name(lyr), e, j, ranking[cfg.layer_name(lyr)][e, j]) for lyr in cfg.moe_layers
             for e, w in enumerate(cfg.expert_widths[lyr]) for j in range(w)]
     order = np.argsort(-np.array([v for *_, v in flat]), kind="stable")[:k]
@@ -71,7 +73,7 @@ def top_k_removed_masks(cfg: ModelConfig, ranking: dict[str, np.ndarray], k: int
     for i in order:
         name, e, j, _ = flat[i]
         masks[name][e, j] = 0.0
-    return {name: {"dims": jnp.asarray(m)} for name, m in masks.items()}
+    return {name: {"dims": jnp.asarray(m), "experts": jnp.ones(m.shape[0], jnp.float32)} for name, m in masks.items()}
 
 
 def scoring_cost(cfg, params, batch, micro_batch_size: int, repeats: int = 5) -> dict[str, float]:
@@ -89,7 +91,9 @@ def scoring_cost(cfg, params, batch, micro_batch_size: int, repeats: int = 5) ->
             return (ce * rows["weights"]).sum() / jnp.maximum(rows["weights"].sum(), 1.0)
         return jax.grad(loss)(params)
 
-    fisher = lambda: _score_step(cfg, params, chunk, want_grad=True, want_acts=True, impl="auto")  # noqa: E731
+    # The same static arguments as `scoring.collect` passes (defaults too): the step it compiled is reused.
+    fisher = lambda: _score_step(cfg, params, chunk, want_grad=True, want_acts=True, impl="auto",  # noqa: E731
+                                 want_traj=False, want_dense=False)
     base = lambda: plain(params, chunk)  # noqa: E731
     jax.block_until_ready(fisher()), jax.block_until_ready(base())
     times = {"fisher": [], "plain": []}
@@ -125,21 +129,25 @@ def heavy_model(config, fractions: dict[int, list[float]]):
     return cfg, params, {"expert@0.5": uniform, "global@0.5": ragged}
 
 
-def throughputs(cfg, params, plans, config) -> dict[str, Any]:
+def throughputs(cfg, params, plans, config, sizes: dict | None = None) -> dict[str, Any]:
+    """Tokens/s unpruned and compacted by each plan; `sizes` (a dict) also gets each compacted
+    model's `model_size`, so that the memory table needs no second compaction."""
     run = lambda c, p: evaluation.throughput(c, p, batch_size=config.throughput_batch,  # noqa: E731
                                              prompt_len=config.prompt_len, repeats=config.repeats)
     out = {"unpruned": run(cfg, params)}
     for label, plan in plans.items():
-        out[label] = run(*pruning.apply(cfg, params, plan))
+        c2, p2 = pruning.apply(cfg, params, plan)
+        if sizes is not None:
+            sizes[label] = evaluation.model_size(c2, p2)
+        out[label] = run(c2, p2)
+        del p2  # one compacted model alive at a time
     return out
 
 
-def memory_table(cfg: ModelConfig, params, plans: dict[str, pruning.PruningPlan]) -> dict[str, Any]:
-    """Bytes before/after for this model (compacted), and Qwen1.5-MoE-A2.7B at 50% by shapes."""
-    out = {"this_model": {"unpruned": evaluation.model_size(cfg, params)}}
-    for label, plan in plans.items():
-        c2, p2 = pruning.apply(cfg, params, plan)
-        out["this_model"][label] = evaluation.model_size(c2, p2)
+def memory_table(cfg: ModelConfig, params, sizes: dict[str, dict]) -> dict[str, Any]:
+    """Bytes before/after for this model (`sizes`: model_size of each compacted model), and
+    Qwen1.5-MoE-A2.7B at 50% by shapes."""
+    out = {"this_model": {"unpruned": evaluation.model_size(cfg, params), **sizes}}
     q = ModelConfig.from_hf_config(QWEN15_MOE_A27B)
     half = q
     for layer in q.moe_layers:
@@ -196,8 +204,12 @@ def main(argv: list[str]) -> None:
             sensitivity[(ranking, k)] = run(f"top{k}/{ranking}", top_k_removed_masks(cfg, scores[ranking], k))
 
     half = {f"{scope}@0.5": pruning.select(cfg, scores, "fisher", scope, 0.5) for scope in ("expert", "global")}
-    memory = memory_table(cfg, params, half)
-    speed = {"this model": throughputs(cfg, params, half, config)}
+    sizes, speed = {}, {}
+    if config.throughput_this_model:
+        speed["this model"] = throughputs(cfg, params, half, config, sizes)
+    else:
+        sizes = {label: evaluation.model_size(*pruning.apply(cfg, params, plan)) for label, plan in half.items()}
+    memory = memory_table(cfg, params, sizes)
     if config.heavy.enabled:
         plan = half["global@0.5"]
         fractions = {lyr: [len(plan.dims[lyr][e]) / w for e, w in enumerate(plan.source_widths[lyr])]

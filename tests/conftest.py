@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import pytest
 
@@ -52,6 +54,31 @@ def scaled_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.3) -> dict:
 
     params = init(cfg, jax.random.PRNGKey(seed))
     return jax.tree_util.tree_map(lambda x: x * (scale / 0.02) if x.ndim > 1 else x, params)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """A JAX persistent compilation cache shared by the launcher subprocesses of this session.
+
+    The launcher smokes (tests/test_launchers.py) spend most of their time compiling; many of their
+    programs (the skills_tiny model's generate and perplexity steps, the same eval prompts, the same
+    pruned shapes) recur across launchers and, for eager ops, inside one launcher. Cache entries are
+    keyed by the compiled program, so a changed computation still compiles afresh. Only subprocesses
+    see it: this process imported jax before the variables were set. An explicit
+    JAX_COMPILATION_CACHE_DIR in the environment is kept."""
+    settings = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_compilation_cache")),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # every compile, even the small eager ones
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}  # no size floor
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        settings = {}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    yield settings.get("JAX_COMPILATION_CACHE_DIR")
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture
