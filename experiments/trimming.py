@@ -200,7 +200,8 @@ def main(argv: list[str]) -> None:
         t.plots(workdir / "telemetry" / name)
         tel[name] = {"summary": t.summary(), "table": t.table()}
 
-    report = {"model": str(path), "device": jax.devices()[0].device_kind, "calibration": calibrations,
+    report = {"config": config.to_dict(), "model": str(path), "device": jax.devices()[0].device_kind,
+              "calibration": calibrations,
               "results": results, "sweep": sweep, "telemetry": {k: v["summary"] for k, v in tel.items()},
               "seconds": time.perf_counter() - t_start}
     reporting.atomic_write(workdir / "report.json", json.dumps(reporting._jsonable(report), indent=1))
