@@ -102,8 +102,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         value = _get(config, key)
         if not value > 0:
             raise TrainError(f"config.{key}={value!r}: must be positive")
-    if config.impl not in ("auto", "dense", "ragged", "blocked", "gather"):
-        raise TrainError(f"config.impl={config.impl!r}: expected auto, dense, ragged, blocked or gather")
+    if config.impl not in model.moe.IMPLS:
+        raise TrainError(f"config.impl={config.impl!r}: expected one of {model.moe.IMPLS}")
     unknown = set(config.data.examples_per_domain) - set(skills.DOMAINS)
     if unknown:
         raise TrainError(f"config.data.examples_per_domain: unknown domain(s) {sorted(unknown)}; "

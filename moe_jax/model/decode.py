@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from moe_jax.config import ModelConfig
 from moe_jax.model.attention import GQAttention, MLAttention
@@ -62,13 +63,23 @@ def _without_forced_routes(masks):
             for name, m in masks.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_p", "impl"))
+def _constrain_cache(cache: dict, cache_axes) -> dict:
+    """Pin the cache's layout on the active mesh (`jax.set_mesh`): batch over `cache_axes[0]`, KV heads
+    over `cache_axes[1]` (None: unsplit); MLA latents split over batch only."""
+    if cache_axes is None:
+        return cache
+    batch, heads = cache_axes
+    spec = lambda a: PartitionSpec(batch, None, heads, None) if a.ndim == 4 else PartitionSpec(batch, None, None)
+    return jax.tree_util.tree_map(lambda a: jax.lax.with_sharding_constraint(a, spec(a)), cache)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_p", "impl", "cache_axes"))
 def _generate(cfg, params, tokens_BP, mask_BP, rng, eos_id, pad_id, masks, *, max_new_tokens, temperature, top_p,
-              impl):
+              impl, cache_axes=None):
     B, P = tokens_BP.shape
     S = P + max_new_tokens
     dtype = params["embed"]["embedding"].dtype
-    cache = init_cache(cfg, B, S, dtype)
+    cache = _constrain_cache(init_cache(cfg, B, S, dtype), cache_axes)
     key_valid = jnp.concatenate([mask_BP, jnp.ones((B, max_new_tokens), bool)], axis=1)
     positions = default_positions(mask_BP)
     logits, cache, _ = apply(cfg, params, tokens_BP, positions, jnp.arange(P), key_valid, cache=cache,
@@ -89,6 +100,7 @@ def _generate(cfg, params, tokens_BP, mask_BP, rng, eos_id, pad_id, masks, *, ma
         token = out[:, step - 1]
         logits, cache, _ = apply(cfg, params, token[:, None], pos[:, None], (P + step - 1)[None], key_valid,
                                  cache=cache, index=P + step - 1, masks=step_masks, impl=impl)
+        cache = _constrain_cache(cache, cache_axes)
         rng, sub = jax.random.split(rng)
         nxt = _sample(logits[:, -1], sub, temperature, top_p)
         nxt = jnp.where(done, pad_id, nxt)
@@ -101,7 +113,7 @@ def _generate(cfg, params, tokens_BP, mask_BP, rng, eos_id, pad_id, masks, *, ma
 
 def generate(cfg: ModelConfig, params: dict, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0,
              top_p: float = 1.0, rng: jax.Array | None = None, eos_id: int | None = None, pad_id: int = 0,
-             attention_mask=None, masks: dict | None = None, impl: str = "auto") -> np.ndarray:
+             attention_mask=None, masks: dict | None = None, impl: str = "auto", cache_axes=None) -> np.ndarray:
     """Generate `max_new_tokens` after each prompt; returns (B, max_new_tokens) int32.
 
     prompts: a list of token lists (any lengths), or a (B, P) array with `attention_mask`
@@ -110,6 +122,8 @@ def generate(cfg: ModelConfig, params: dict, prompts, max_new_tokens: int = 32, 
     masks: pruning masks as in `forward` (simulate a plan without recompiling per plan); a
       "force" entry (B, P, E) forces the prompt's routes during prefill only, as Unsafe
       Routes' prefill-stage attack does.
+    cache_axes: None, or (batch axes, KV-head axis) of the mesh set by `jax.set_mesh` to keep the KV
+      cache sharded on (`moe_jax.sharding.cache_axes` picks them).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -127,5 +141,5 @@ def generate(cfg: ModelConfig, params: dict, prompts, max_new_tokens: int = 32, 
     eos = -1 if eos_id is None else int(eos_id)
     out = _generate(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), rng, jnp.int32(eos), jnp.int32(pad_id),
                     masks, max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                    impl=impl)
+                    impl=impl, cache_axes=cache_axes)
     return np.asarray(out)

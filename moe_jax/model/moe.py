@@ -14,6 +14,9 @@ non-uniform layers are never padded to their widest expert. The paths give equal
   blocked  rows sorted by expert into fixed-size blocks that each hold one expert's rows,
            one dense matmul chain per block: the fast default.
   gather   each row gathers its own copy of its expert's weights: a cross-check for tiny T*K.
+  expert_parallel  rows sent to the devices owning their experts with an all-to-all, run there
+           by "blocked", and sent back (`moe_jax.sharding.expert_parallel`; needs a mesh with an
+           `expert` axis set by `jax.set_mesh`).
 
 "auto" is "blocked": on CPU it beat "gather" even at decode (T=1..8) and the rest at all T,
 since it reads each used expert's weights once and skips unused experts.
@@ -31,7 +34,7 @@ import numpy as np
 
 from moe_jax.config import ExpertBucket, ModelConfig
 
-IMPLS = ("auto", "dense", "ragged", "blocked", "gather")
+IMPLS = ("auto", "dense", "ragged", "blocked", "gather", "expert_parallel")
 STAT_KEYS = ("act_abs_sum", "act_weighted_abs_sum", "count", "out_norm_sum", "weighted_out_norm_sum")
 MAX_BLOCK_ROWS = 256  # the default block size of "blocked" never exceeds this
 _F32 = jnp.float32
@@ -251,6 +254,11 @@ def experts_forward(
         if active_TK.shape != idx_TK.shape:
             raise ValueError(f"experts_forward: active_TK has shape {active_TK.shape}, expected {idx_TK.shape}")
         weights_TK = jnp.where(active_TK, weights_TK, 0)
+    if impl == "expert_parallel":
+        from moe_jax.sharding import expert_parallel  # lazy: sharding imports this module
+
+        return expert_parallel.experts_forward(cfg, layer, experts_params, x_TD, idx_TK, weights_TK, active_TK,
+                                               mask, seq_id_T, valid_T, collect_stats)
     if impl == "dense":
         return _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, collect_stats, valid_T,
                       active_TK)

@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,7 +248,7 @@ def collect(cfg: ModelConfig, params: Params, batches: Iterable[Batch], statisti
             *, micro_batch_size: int = 8, seed: int = 0, impl: str = "auto",
             checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 20,
             data_id: str = "", progress: bool = True, total: int | None = None,
-            sample_tokens: int = 256) -> Scores:
+            sample_tokens: int = 256, place_batch: Callable[[dict], Any] | None = None) -> Scores:
     """Accumulate `statistics` (any of `STATISTICS`) over `batches` and return `Scores`.
 
     batches: an iterable of pipeline batch dicts or (B, T+1) token arrays, the same sequence
@@ -256,7 +256,8 @@ def collect(cfg: ModelConfig, params: Params, batches: Iterable[Batch], statisti
     micro-batch is padded with empty rows). checkpoint_path: an .npz to save progress to and
     resume from; it is refused if the model, statistics, settings or `data_id` (any string that
     names the calibration data) differ from the run that wrote it. sample_tokens: MoE inputs kept
-    per layer for NAEE's subset search ("trajectory" only).
+    per layer for NAEE's subset search ("trajectory" only). place_batch: puts each micro-batch of
+    rows on devices (`moe_jax.sharding.sharded_collect` splits it over the mesh's batch axes).
     """
     statistics = tuple(dict.fromkeys(statistics))
     unknown = sorted(set(statistics) - set(STATISTICS))
@@ -283,6 +284,7 @@ def collect(cfg: ModelConfig, params: Params, batches: Iterable[Batch], statisti
             if index < state.batches_done:
                 continue
             for chunk in micro_batches(calibration_rows(batch), micro_batch_size):
+                chunk = chunk if place_batch is None else place_batch(chunk)
                 state.add(*_score_step(cfg, params, chunk, want_grad=want_grad, want_acts=want_acts, impl=impl,
                                        want_traj=want_traj, want_dense=want_dense))
             state.batches_done = index + 1
