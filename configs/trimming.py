@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.grid = 10  # per-layer greedy: tau steps of 0.05
     config.sweep_taus = (0.0, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
     config.comparison_rows = True  # the dense-equivalent, Fisher-MoE and Pathfinder rows
+    config.pruned_rows = True  # with comparison_rows: the Fisher-MoE and Pathfinder rows (False: dense-equivalent only)
     config.prune_ratio = 0.5  # Fisher-MoE (dims) and Pathfinder (experts) rows
     config.pruned_trim_target = 0.65
     config.latency = ml_collections.ConfigDict(dict(batch_size=8, prompt_len=64, new_tokens=32, repeats=3, rounds=3))

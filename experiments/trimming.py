@@ -132,7 +132,7 @@ def main(argv: list[str]) -> None:
                   f"{held.active_fraction:.3f}, loss +{c['loss_increase']:.4f} ({seconds:.0f} s)")
 
     # 2. pruned models (compacted: real memory and time)
-    if config.comparison_rows:
+    if config.comparison_rows and config.pruned_rows:
         add_pruned_rows(config, cfg, params, tok, calib, workdir, models, rows)
 
     # 3. accuracy (cached) + measured cost (this run) for every row
