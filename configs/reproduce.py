@@ -1,0 +1,72 @@
+"""Every table of the README in one run: experiments/reproduce.py.
+
+What it runs, each launcher as a stage in WORKDIR/<stage>/ on the committed built-in model
+checkpoints/skills_tiny (trained first into WORKDIR/train/ with configs/skills_tiny.py if it
+is missing or `train` is set): prune (the main job's before/after table, exports), fisher_moe
+(configs/fisher_moe_repro.py), pathfinder, trimming (the dense / standard / trimmed / pruned
+trade-off), trim_latency (cpu preset), audit (the safety table) and bench_dispatch
+(experiments/bench.py, both layers). Then WORKDIR/RESULTS.md (every table, figures linked) and
+WORKDIR/results.json (every number, versions, machine). A stage whose outputs exist, parse
+and match its fingerprint is skipped, so a killed reproduction resumes; the launchers'
+own progress files resume a stage killed half-way.
+
+    python experiments/reproduce.py --config=configs/reproduce.py --workdir=/tmp/reproduce
+    python experiments/reproduce.py --config=configs/reproduce.py --workdir=/tmp/repro_ci --config.quick=True
+
+How long (2-core dev CPU): the stages' own configs say; together about 55 minutes (prune 3.5,
+fisher_moe 8, pathfinder 4.5, trimming 9.5, trim_latency 3, audit 21, bench 3), plus 18 if it
+trains. `quick` runs every stage at smoke size (3 prompts per domain, two or three methods,
+tiny latency models; every table still filled) in about 4 minutes.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+STAGE_ORDER = ("prune", "fisher_moe", "pathfinder", "trimming", "trim_latency", "audit", "bench_dispatch")
+
+
+def _quick() -> dict:
+    """Per-stage overrides of the launchers' configs (or flags, for bench) in quick mode."""
+    calib3 = dict(n_per_domain=3)
+    return dict(
+        train=dict(steps=50),
+        prune=dict(methods=(("fisher:expert", 0.5), ("fisher:global", 0.5), ("pathfinder:global", 0.25)),
+                   eval=dict(n_per_domain=3, throughput=False), calibration=dict(n_per_domain=4)),
+        fisher_moe=dict(n_per_domain=3, calibration=calib3, methods=("fisher", "random"), scopes=("global",),
+                        ratios=(0.5,), sensitivity_rankings=("fisher",), sensitivity_ks=(1, 4), repeats=1,
+                        throughput_batch=2, prompt_len=8, throughput_this_model=False,
+                        heavy=dict(hidden_size=32, width=16, num_experts=4, vocab_size=64, num_heads=2,
+                                   num_layers=1)),
+        pathfinder=dict(n_per_domain=3, calibration=calib3, ratios=(0.25, 0.5), repeats=1,
+                        methods=(("pathfinder", "global"), ("naee", "uniform"), ("naee", "global")),
+                        qwen_layer=dict(hidden_size=32, num_experts=6, width=16, tokens=8)),
+        trimming=dict(n_per_domain=3, calibration=dict(n_per_domain=3, batch_size=3), targets=(0.65,),
+                      pruned_rows=False, modes=("global",), sweep_taus=(0.5,), telemetry_batches=3,
+                      latency=dict(repeats=1, rounds=1, new_tokens=16, prompt_len=16)),
+        trim_latency=dict(hidden_size=32, num_layers=1, num_heads=2, num_experts=8, width=16, vocab_size=64,
+                          batch_sizes=(2,), prompt_len=8, new_tokens=4, repeats=1, rounds=1),
+        audit=dict(n_safety=12, n_utility=2, n_attack=2, rows=("unpruned", "pathfinder_safe", "trimmed"),
+                   attacks=dict(max_queries=200, gcg_steps=2, gcg_candidates=4, reach_prompts=2),
+                   calibration=dict(n_per_domain=4), safety_calibration=dict(n_per_domain=8),
+                   monitor=dict(n_per_domain=3),
+                   # trimming's quick calibration, so the trade-off table can join its trimmed row
+                   trim_calibration=dict(n_per_domain=3, batch_size=3)),
+        bench_dispatch=dict(layer="mixtral_small", tokens=64, repeats=1),
+    )
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.quick = False  # True: every stage at smoke size (`quick_overrides`), for CI
+    config.checkpoint = "checkpoints/skills_tiny"  # the committed built-in model, relative to the repository
+    config.train = False  # True: train the model (configs/skills_tiny.py) even though the checkpoint exists
+    config.stages = STAGE_ORDER
+    config.rerun = ()  # stage names to run again even if their outputs are valid
+    config.keep_going = True  # a failed stage does not stop the others (the run still exits non-zero)
+    config.compilation_cache = True  # WORKDIR/.jax_cache shared by the stages (unless JAX_COMPILATION_CACHE_DIR is set)
+    # Launcher config overrides per stage ({key: value}, nested as in the launcher's config; for
+    # bench_dispatch, its flags). `overrides` applies in full runs, `quick_overrides` with quick.
+    config.overrides = ml_collections.ConfigDict({name: {} for name in ("train", *STAGE_ORDER)})
+    config.quick_overrides = ml_collections.ConfigDict(_quick())
+    return config
