@@ -1,0 +1,62 @@
+"""Launcher flags shared by every experiments/*.py: multi-process start-up and the device mesh.
+
+    python experiments/train.py ... --mesh=data=2,expert=4
+    python experiments/prune.py ... --coordinator_address=host0:1234 --num_processes=2 --process_id=0
+
+`initialize()` (one call at the top of each launcher's main) checks the flags before any device
+work, calls `jax.distributed.initialize` when more than one process is asked for, and, with
+--mesh, builds the mesh (`moe_jax.sharding.make_mesh`) and makes it the default (`jax.set_mesh`),
+so impl="expert_parallel" and the `moe_jax.sharding` entry points find it. Without flags nothing
+changes: one process, no mesh.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_string("mesh", "", "Device mesh, e.g. 'data=2,expert=4' (axes data, fsdp, expert, tensor; one -1 "
+                    "for the rest). Empty: no mesh.")
+
+FLAGS = flags.FLAGS
+
+
+class LaunchError(ValueError):
+    """Inconsistent launcher flags, with the flag and value named."""
+
+
+def check_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> bool:
+    """True when the flags ask for a multi-process run; raises LaunchError when they disagree."""
+    if num_processes is None and process_id is None and coordinator_address is None:
+        return False
+    if num_processes is None or num_processes < 1:
+        raise LaunchError(f"--num_processes={num_processes}: give the number of processes (>= 1) "
+                          f"with --coordinator_address={coordinator_address} / --process_id={process_id}")
+    if num_processes > 1 and not coordinator_address:
+        raise LaunchError(f"--num_processes={num_processes} needs --coordinator_address=host:port (process 0's)")
+    if coordinator_address and ":" not in coordinator_address:
+        raise LaunchError(f"--coordinator_address={coordinator_address!r}: expected host:port")
+    if process_id is None:
+        raise LaunchError(f"--num_processes={num_processes} needs --process_id in [0, {num_processes})")
+    if not 0 <= process_id < num_processes:
+        raise LaunchError(f"--process_id={process_id} must lie in [0, num_processes={num_processes})")
+    return num_processes > 1
+
+
+def initialize(mesh_spec: str | None = None):
+    """Apply the launcher flags; returns the mesh set as default, or None (see module docstring)."""
+    import jax
+
+    from moe_jax import sharding
+
+    spec = FLAGS.mesh if mesh_spec is None else mesh_spec
+    sizes = sharding.parse_mesh_spec(spec) if spec else None  # a bad spec fails before any device work
+    if check_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if sizes is None:
+        return None
+    mesh = sharding.make_mesh(spec)
+    jax.set_mesh(mesh)
+    return mesh

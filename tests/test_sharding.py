@@ -1,0 +1,312 @@
+"""moe_jax.sharding against the single-device model.
+
+Multi-device checks run in ONE subprocess with 8 forced host devices (this file run as a script),
+so the rest of the suite keeps one device and JAX starts once: it compares sharded forward
+logits, greedy generation, Fisher scores and a training step with the single-device results on
+meshes data=8, data=2 x expert=4, expert=8, data=2 x expert=2 x tensor=2 and fsdp=2 x expert=2 x
+tensor=2, the expert-parallel dispatch against the single-device MoE layer and a per-token loop, a
+pruned non-uniform model, and DeepSeek-V3 (MLA, dense first layer, group-limited router).
+Each check reports pass/fail to the pytest side, which asserts them one test at a time. Mesh,
+rule and flag errors need no devices and run in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+CHECKS = ("forward", "params_sharded", "generate", "fisher", "train_step", "ep_layer", "pruned", "mla")
+
+
+# ================================================================================ the subprocess
+def _close(name, got, want, tol=TOL):
+    """max |got - want| <= tol * max(1, max |want|): float32 sums over different device splits."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        raise AssertionError(f"{name}: shape {got.shape} != {want.shape}")
+    err, scale = float(np.nanmax(np.abs(got - want))), max(1.0, float(np.nanmax(np.abs(want))))
+    if not err <= tol * scale or not np.array_equal(np.isnan(got), np.isnan(want)):
+        raise AssertionError(f"{name}: max error {err:.3g} > {tol} x {scale:.3g}")
+    return err
+
+
+def _worker() -> dict:  # noqa: C901  (one list of checks, kept together so JAX starts once)
+    import jax.numpy as jnp
+    import ml_collections  # noqa: F401
+
+    from moe_jax import model, scoring, sharding, train
+    from moe_jax.model import moe
+    from moe_jax.sharding import expert_parallel
+    from tests.conftest import scaled_params, tiny_config
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    assert jax.device_count() == 8, jax.devices()
+    results: dict[str, dict] = {}
+
+    def check(name):
+        def run(fn):
+            start = time.perf_counter()
+            try:
+                detail = fn()
+                results[name] = {"ok": True, "detail": detail, "s": round(time.perf_counter() - start, 1)}
+            except Exception:  # reported to pytest, which fails the named test with this traceback
+                results[name] = {"ok": False, "detail": traceback.format_exc(), "s": 0}
+        return run
+
+    rng = np.random.default_rng(0)
+    cfg = tiny_config("qwen2_moe", num_layers=1, dense_layers=(), num_experts=8)  # gated shared expert
+    params = scaled_params(cfg)
+    B, T = 8, 10
+    tokens = rng.integers(1, cfg.vocab_size, (B, T)).astype(np.int32)
+    # Compile time is the cost here: references and GSPMD paths run "dense", and so do the devices'
+    # local experts, except in "ep_layer" and "fisher", which run "blocked" (its custom VJP) inside
+    # the shard_map. The paths agree with each other (tests/test_moe.py).
+    expert_parallel.INNER_IMPL = "dense"
+
+    @check("forward")
+    def _():
+        want = model.forward(cfg, params, tokens, impl="dense")
+        errs = {}
+        for spec, impl in (("data=8", "dense"), ("fsdp=2,expert=2,tensor=2", "expert_parallel")):
+            mesh = sharding.make_mesh(spec)
+            placed = sharding.shard_params(params, mesh)
+            errs[spec] = _close(spec, sharding.sharded_forward(cfg, mesh, placed, B, impl=impl)(placed, tokens), want)
+        return errs
+
+    @check("params_sharded")
+    def _():
+        mesh = sharding.make_mesh("fsdp=2,expert=2,tensor=2")
+        placed = sharding.shard_params(params, mesh)
+        whole = sharding.entry.per_device_bytes(jax.device_put(params, sharding.replicated(mesh)))
+        mine = sharding.entry.per_device_bytes(placed)
+        gate = placed["layer_0"]["moe"]["experts"]["bucket_0"]["gate"]
+        assert gate.sharding.spec == jax.sharding.PartitionSpec("expert", "fsdp", "tensor"), gate.sharding.spec
+        assert gate.addressable_shards[0].data.shape == (4, 16, 12), gate.addressable_shards[0].data.shape
+        assert mine < whole / 3, (mine, whole)
+        return {"bytes_per_device": mine, "replicated": whole}
+
+    @check("generate")
+    def _():  # expert-parallel decode with the KV cache split over batch x KV heads
+        prompts = tokens[:, :5].copy()
+        mask = np.ones_like(prompts, bool)
+        mask[0, :2] = False  # left padding in one row
+        prompts[0, :2] = 0
+        want = model.generate(cfg, params, prompts, 4, attention_mask=mask, impl="dense")
+        mesh = sharding.make_mesh("data=2,expert=2,tensor=2")
+        axes = sharding.cache_axes(cfg, mesh, B)
+        assert axes == (("data", "expert"), "tensor"), axes  # 2 KV heads over tensor=2
+        placed = sharding.shard_params(params, mesh)
+        got = sharding.sharded_generate(cfg, mesh, placed, B, 4, impl="expert_parallel")(placed, prompts, mask)
+        assert np.array_equal(np.asarray(got), want), (got, want)
+        return {"tokens": want[:2].tolist(), "cache_axes": str(axes)}
+
+    calib = [{"tokens": rng.integers(1, cfg.vocab_size, (8, 9)).astype(np.int32),
+              "segment_ids": np.repeat(np.array([[1] * 5 + [2] * 4]), 8, 0).astype(np.int32)}]
+    calib[0]["segment_ids"][3, 6:] = 0  # padding
+
+    @check("fisher")
+    def _():
+        want = scoring.collect(cfg, params, calib, ("fisher",), micro_batch_size=8, progress=False, impl="dense")
+        assert float(np.nanmax(want["fisher"]["layer_0"])) > 0
+        mesh = sharding.make_mesh("data=2,expert=4")
+        expert_parallel.INNER_IMPL = "auto"
+        try:
+            got = sharding.sharded_collect(cfg, params, calib, ("fisher",), mesh, micro_batch_size=8,
+                                           impl="expert_parallel", progress=False)
+        finally:
+            expert_parallel.INNER_IMPL = "dense"
+        return {layer: _close(f"fisher {layer}", got["fisher"][layer], arr) for layer, arr in want["fisher"].items()}
+
+    @check("train_step")
+    def _():
+        config = train.default_config()
+        config.impl = "dense"
+        config.optim.update(lr=1e-2, warmup_steps=0, eps=1e-3)  # eps >> |noise|: the update is smooth in g
+        batch = {"tokens": rng.integers(1, cfg.vocab_size, (B, 9)).astype(np.int32),
+                 "loss_mask": np.ones((B, 9), np.float32), "segment_ids": np.ones((B, 9), np.int32)}
+        state = train.init_state(cfg, config)
+        state = state.replace(params=params, opt_state=train.make_optimizer(config).init(params))
+        want_state, want_metrics = train.make_train_step(cfg, config)(state, batch)
+        moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                    for a, b in zip(jax.tree_util.tree_leaves(want_state.params), jax.tree_util.tree_leaves(params)))
+        assert moved > 1e-3, moved  # the step really changes the params
+        config.impl = "expert_parallel"
+        mesh = sharding.make_mesh("data=2,expert=4")
+        placed, step = sharding.sharded_train_step(cfg, config, mesh, state, B)
+        got_state, got_metrics = step(placed, batch)
+        assert got_state.params["layer_0"]["moe"]["experts"]["bucket_0"]["up"].sharding.spec[0] == "expert"
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got_state.params),
+                                jax.tree_util.tree_leaves(want_state.params)):
+            _close(jax.tree_util.keystr(path), a, b)
+        return _close("loss", got_metrics["loss"], want_metrics["loss"])
+
+    @check("ep_layer")
+    def _():  # the dispatch alone, against the dense single-device layer and a per-token loop
+        from moe_jax.model.layout import expert_weight
+
+        moe_params = params["layer_0"]["moe"]
+        x_TD = rng.normal(size=(13, cfg.hidden_size)).astype(np.float32)  # 13: not a multiple of 8
+        routing = moe.trim(moe.route(cfg, 0, moe_params, jnp.asarray(x_TD)), tau=0.45)  # some rows dropped
+        mask = jnp.asarray(rng.uniform(size=(8, cfg.max_width(0))), jnp.float32)
+        want, want_stats = moe.experts_forward(cfg, 0, moe_params["experts"], x_TD, routing, dims_mask=mask,
+                                               impl="dense", collect_stats=True)
+        idx, w = np.asarray(routing.idx_TK), np.asarray(routing.weights_TK) * np.asarray(routing.active_TK)
+        assert not np.asarray(routing.active_TK).all()
+        loop = np.zeros(x_TD.shape)
+        for t in range(len(x_TD)):
+            for k in range(cfg.num_experts_per_tok):
+                ew = {n: np.asarray(a, np.float64) for n, a in expert_weight(cfg, params, 0, idx[t, k]).items()}
+                g, u = x_TD[t] @ ew["gate"], x_TD[t] @ ew["up"]
+                h = g / (1 + np.exp(-g)) * u * np.asarray(mask[idx[t, k], :len(g)])
+                loop[t] += w[t, k] * (h @ ew["down"])
+        expert_parallel.INNER_IMPL = "auto"
+        errs = {}
+        try:
+            for spec in ("expert=8",):  # data=2 x expert=4 runs the dispatch in "fisher", "train_step", "pruned"
+                with jax.set_mesh(sharding.make_mesh(spec)):
+                    got, stats = jax.jit(lambda e, x, r, m: moe.experts_forward(
+                        cfg, 0, e, x, r, dims_mask=m, impl="expert_parallel", collect_stats=True))(
+                        moe_params["experts"], x_TD, routing, mask)
+                errs[spec] = _close(spec, got, want)
+                _close(f"{spec} vs loop", got, loop)
+                for k in want_stats:
+                    _close(f"{spec} {k}", stats[k], want_stats[k])
+        finally:
+            expert_parallel.INNER_IMPL = "dense"
+        return errs
+
+    @check("pruned")
+    def _():
+        # Layer 0 keeps 6 experts in width buckets of 1 (w 8), 3 (w 16) and 2 (w 24) experts; layer 1 keeps
+        # 5 of width 20. None of those counts is a multiple of expert=4.
+        pcfg = tiny_config("mixtral", num_layers=2, num_experts=8).with_layer_experts(0, (24, 16, 8, 16, 24, 16))
+        pcfg = pcfg.with_layer_experts(1, (20,) * 5)
+        pparams = scaled_params(pcfg, seed=1)
+        want = model.forward(pcfg, pparams, tokens, impl="dense")
+        mesh = sharding.make_mesh("data=2,expert=4")
+        report = sharding.expert_padding_report(pcfg, mesh)
+        assert report["unsharded_buckets"] == [(0, 0, 1), (0, 1, 3), (0, 2, 2), (1, 0, 5)], report
+        per_dim = 3 * pcfg.hidden_size * 4  # gate + up + down bytes per unit of width, float32
+        assert report["padded_bytes"] == per_dim * (3 * 8 + 1 * 16 + 2 * 24 + 3 * 20), report["padded_bytes"]
+        placed = sharding.shard_params(pparams, mesh)
+        lines = sharding.place_report(pparams, mesh)
+        assert any("layer_0/moe/experts/bucket_1/gate" in line and "expert=4" in line for line in lines), lines
+        got = sharding.sharded_forward(pcfg, mesh, placed, B, impl="expert_parallel")(placed, tokens)
+        return {"error": _close("pruned", got, want), "padded_bytes": report["padded_bytes"],
+                "replicated_bytes_per_device": report["replicated_bytes_per_device"]}
+
+    @check("mla")
+    def _():  # DeepSeek-V3: MLA, sigmoid group-limited router with score bias, shared expert, dense layer 0
+        dcfg = tiny_config("deepseek_v3", num_layers=2)
+        dparams = scaled_params(dcfg, seed=2)
+        want = model.forward(dcfg, dparams, tokens, impl="dense")
+        mesh = sharding.make_mesh("fsdp=2,expert=4")
+        placed = sharding.shard_params(dparams, mesh)
+        return _close("deepseek_v3", sharding.sharded_forward(dcfg, mesh, placed, B, impl="expert_parallel")(
+            placed, tokens), want)
+
+    return results
+
+
+# ================================================================================ pytest side
+def test_mesh_errors_name_the_value():
+    from moe_jax import sharding
+
+    with pytest.raises(sharding.MeshError, match=r"multiply to 2, but there are 1 devices"):
+        sharding.make_mesh("data=2")
+    with pytest.raises(sharding.MeshError, match=r"fixed axes' product 3 does not divide the 8 devices"):
+        sharding.mesh.resolve_axis_sizes(sharding.parse_mesh_spec("expert=3,data=-1"), 8)
+    with pytest.raises(sharding.MeshError, match=r"unknown axis \['model'\]"):
+        sharding.parse_mesh_spec("data=2,model=4")
+    with pytest.raises(sharding.MeshError, match="only one axis may be -1"):
+        sharding.parse_mesh_spec("data=-1,expert=-1")
+    with pytest.raises(sharding.MeshError, match=r"size 'x' of axis 'data'"):
+        sharding.parse_mesh_spec("data=x")
+    assert sharding.mesh.resolve_axis_sizes(sharding.parse_mesh_spec("expert=4,data=-1"), 8) == {
+        "data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("mixtral", num_experts=4)
+    with pytest.raises(sharding.MeshError, match=r"expert=8 is larger than layer 0's 4 experts"):
+        sharding.check_mesh_fits(cfg, jax.sharding.AbstractMesh((1, 1, 8, 1), sharding.MESH_AXES))
+
+
+def test_distributed_flag_errors_name_the_flag():
+    from moe_jax.launch import LaunchError, check_distributed
+
+    assert check_distributed(None, None, None) is False
+    assert check_distributed(None, 1, 0) is False
+    assert check_distributed("host:1234", 2, 1) is True
+    with pytest.raises(LaunchError, match="--num_processes=2 needs --coordinator_address"):
+        check_distributed(None, 2, 0)
+    with pytest.raises(LaunchError, match=r"--process_id=2 must lie in \[0, num_processes=2\)"):
+        check_distributed("host:1234", 2, 2)
+    with pytest.raises(LaunchError, match="--num_processes=None"):
+        check_distributed("host:1234", None, 0)
+    with pytest.raises(LaunchError, match="expected host:port"):
+        check_distributed("host", 2, 0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3"])
+def test_rules_place_every_parameter_of_every_family(family):
+    from jax.sharding import PartitionSpec as P
+
+    from moe_jax import sharding
+    from moe_jax.model import param_shapes
+    from moe_jax.sharding.rules import Placement
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(family)
+    mesh = jax.sharding.AbstractMesh((1, 2, 4, 2), sharding.MESH_AXES)
+    placed = jax.tree_util.tree_leaves(sharding.placements(param_shapes(cfg), mesh),
+                                       is_leaf=lambda x: isinstance(x, Placement))  # strict: raises if unmatched
+    by_path = {p.path: p for p in placed}
+    for i in cfg.moe_layers:
+        assert by_path[f"layer_{i}/moe/experts/bucket_0/gate"].spec == P("expert", "fsdp", "tensor")
+        assert by_path[f"layer_{i}/moe/experts/bucket_0/down"].spec == P("expert", "tensor", "fsdp")
+        assert by_path[f"layer_{i}/moe/router/kernel"].spec == P()
+    sharded = [p for p in placed if p.spec != P()]
+    assert len(sharded) > len(placed) / 3, [p.path for p in placed if p.spec == P()]
+    with pytest.raises(sharding.RuleError, match="no partition rule matches parameter 'foo/kernel'"):
+        sharding.placements({"foo": {"kernel": np.zeros((2, 2))}}, mesh)
+
+
+@pytest.fixture(scope="module")
+def worker_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding") / "results.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode or not out.exists():
+        pytest.fail(f"sharding worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    results = json.loads(out.read_text())
+    results["_wall_s"] = round(time.perf_counter() - start, 1)
+    print("sharding worker:", {k: v.get("s") for k, v in results.items() if isinstance(v, dict)},
+          "wall", results["_wall_s"], "s")
+    return results
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_sharded_matches_single_device(worker_results, name):
+    result = worker_results.get(name)
+    assert result is not None, f"check {name!r} did not run; ran {sorted(worker_results)}"
+    assert result["ok"], result["detail"]
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    res = _worker()
+    Path(sys.argv[1]).write_text(json.dumps(res, default=str))
