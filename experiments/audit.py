@@ -31,7 +31,7 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, pruning, reporting, safety, scoring, trimming  # noqa: E402
+from moe_jax import evaluation, launch, pruning, reporting, safety, scoring, trimming  # noqa: E402
 from moe_jax.data import pipeline, skills  # noqa: E402
 from moe_jax.reporting import fmt  # noqa: E402
 from moe_jax.safety import routes as R  # noqa: E402
@@ -135,6 +135,7 @@ def evaluate_row(config, key, model, tok, examples, clean_rows, monitor_rows, ta
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     unknown = sorted(set(config.rows) - set(LABELS))

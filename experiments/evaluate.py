@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from moe_jax import evaluation  # noqa: E402
+from moe_jax import evaluation, launch  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/evaluate.py (or a variant).",
@@ -37,6 +37,7 @@ def model_dir(config, workdir: Path) -> Path:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     path = model_dir(config, workdir)

@@ -40,7 +40,7 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, pruning, reporting, scoring  # noqa: E402
+from moe_jax import evaluation, launch, pruning, reporting, scoring  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 from moe_jax.data import skills  # noqa: E402
 from moe_jax.model import transformer  # noqa: E402
@@ -163,6 +163,7 @@ def memory_table(cfg: ModelConfig, params, sizes: dict[str, dict]) -> dict[str, 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

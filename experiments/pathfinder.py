@@ -31,7 +31,7 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, pruning, reporting, scoring  # noqa: E402
+from moe_jax import evaluation, launch, pruning, reporting, scoring  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 from moe_jax.data import skills  # noqa: E402
 from moe_jax.model import transformer  # noqa: E402
@@ -112,6 +112,7 @@ def plot_kept(path: Path, cfg: ModelConfig, plans: dict[str, pruning.PruningPlan
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from moe_jax import evaluation, hf, pruning, scoring  # noqa: E402
+from moe_jax import evaluation, hf, launch, pruning, scoring  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -147,6 +147,7 @@ def evaluate_run(label: str, cfg: ModelConfig, params: Params, tokenizer, settin
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     try:

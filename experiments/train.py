@@ -15,7 +15,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe_jax import train
+from moe_jax import launch, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file with get_config().", lock_config=True)
@@ -26,6 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     logging.getLogger().setLevel(logging.INFO)
     try:
         summary = train.train(FLAGS.config, FLAGS.workdir)

@@ -22,7 +22,7 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, reporting, telemetry, trimming  # noqa: E402
+from moe_jax import evaluation, launch, reporting, telemetry, trimming  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 from moe_jax.model import transformer  # noqa: E402
 
@@ -49,6 +49,7 @@ def random_model(c):
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     c, workdir = FLAGS.config, Path(FLAGS.workdir)
     t_start = time.perf_counter()
     cfg, params = random_model(c)

@@ -33,7 +33,7 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, pruning, reporting, scoring, telemetry, trimming  # noqa: E402
+from moe_jax import evaluation, launch, pruning, reporting, scoring, telemetry, trimming  # noqa: E402
 from moe_jax.data import pipeline, skills  # noqa: E402
 from moe_jax.reporting import fmt  # noqa: E402
 
@@ -85,6 +85,7 @@ def add_pruned_rows(config, cfg, params, tok, calib, workdir: Path, models: dict
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
