@@ -12,7 +12,7 @@ changes: one process, no mesh.
 
 from __future__ import annotations
 
-from absl import flags
+from absl import app, flags
 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
@@ -52,11 +52,18 @@ def initialize(mesh_spec: str | None = None):
     from moe_jax import sharding
 
     spec = FLAGS.mesh if mesh_spec is None else mesh_spec
-    sizes = sharding.parse_mesh_spec(spec) if spec else None  # a bad spec fails before any device work
-    if check_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
+    try:  # bad flags fail here, before any device work, as a usage error naming the flag
+        sizes = sharding.parse_mesh_spec(spec) if spec else None
+        multi = check_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except (LaunchError, sharding.MeshError) as err:
+        raise app.UsageError(str(err)) from None
+    if multi:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if sizes is None:
         return None
-    mesh = sharding.make_mesh(spec)
+    try:
+        mesh = sharding.make_mesh(spec)
+    except sharding.MeshError as err:
+        raise app.UsageError(f"--mesh={spec}: {err}") from None
     jax.set_mesh(mesh)
     return mesh
