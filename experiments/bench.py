@@ -1,158 +1,114 @@
-"""Benchmark the routed-expert dispatch paths of `moe_jax.model.moe` against a dense matmul.
+"""Benchmarks: routed-expert dispatch against a dense matmul (--mode=dispatch), or a whole
+Qwen1.5-MoE-A2.7B-shaped model compressed four ways (--mode=e2e).
 
-For one MoE layer shape, routes random tokens once, then times each dispatch path (jit,
-warm-up, block_until_ready, median of repeats) and a single dense matmul with exactly the
-layer's useful FLOPs (2*T*K*D*F*3) in the same run, and prints a markdown table of tokens/s,
-useful FLOP/s and the ratio to the dense matmul's FLOP/s.
+dispatch (experiments/bench_dispatch.py): for one MoE layer shape, routes random tokens once,
+then times each dispatch path and a dense matmul with exactly the layer's useful FLOPs in the
+same run; prints tokens/s, useful FLOP/s and the ratio to the matmul. Paths whose estimated
+time exceeds --budget_s are reported as skipped rather than run.
 
     python -m experiments.bench                  # from the repo root: both layers, float32, ~3 min
     python -m experiments.bench --layer=mixtral_small --impls=blocked --block_rows=128 --repeats=5
 
-Paths whose estimated time exceeds --budget_s (dense and ragged_dot cost E/K and E times the
-useful FLOPs on CPU) are reported as skipped rather than run.
+e2e (experiments/bench_e2e.py): random bf16 weights, prefill/decode tokens/s, weight bytes and
+device memory of unpruned / Fisher-MoE 50% (expert, global) / Pathfinder 50% / trimmed, the
+MoE layer's FLOP/s against a dense matmul, and Fisher scoring time for N x L tokens; writes
+WORKDIR/report.md and report.json. The size flags shrink the model for a CPU:
+
+    python -m experiments.bench --mode=e2e --workdir=/tmp/bench_e2e                      # full size (GPU)
+    python -m experiments.bench --mode=e2e --workdir=/tmp/e2e_cpu --num_layers=2 --hidden_size=256 \
+        --num_experts=16 --expert_width=128 --shared_width=512 --vocab_size=2048 --num_heads=4 \
+        --batch_size=4 --prompt_len=64 --new_tokens=16 --calib_sequences=16 --calib_len=128 --traj_sequences=8
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
-import statistics
-import time
+import shlex
+import sys
+from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
-from moe_jax.config import ModelConfig
-from moe_jax.model import moe
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from experiments import bench_dispatch, bench_e2e  # noqa: E402
+from moe_jax import reporting  # noqa: E402
+from moe_jax.model import moe  # noqa: E402
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", "dispatch", ["dispatch", "e2e"], "One MoE layer's dispatch paths, or the whole model.")
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Weight dtype (default: float32 dispatch, bfloat16 e2e).")
+flags.DEFINE_integer("repeats", 3, "Timed calls per measurement (median reported).")
+flags.DEFINE_integer("seed", 0, "Seed for weights, tokens and router.")
+# --mode=dispatch
 flags.DEFINE_enum("layer", "all", ["mixtral_small", "qwen15", "all"], "Which MoE layer shape to benchmark.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Expert weight dtype.")
 flags.DEFINE_integer("tokens", 0, "Tokens per call; 0 means the layer's default (4096 / 2048).")
-flags.DEFINE_integer("repeats", 3, "Timed calls per path (median reported).")
 flags.DEFINE_list("impls", ["dense", "ragged", "blocked"], "Dispatch paths to time.")
 flags.DEFINE_integer("block_rows", 0, "Rows per block for the blocked path; 0 means its default.")
 flags.DEFINE_float("budget_s", 25.0, "Skip a path whose estimated single call takes longer than this.")
-flags.DEFINE_integer("seed", 0, "Seed for weights, tokens and router.")
+# --mode=e2e: model size (0 = Qwen1.5-MoE-A2.7B's) and workload
+flags.DEFINE_string("workdir", None, "e2e: where report.md and report.json go.")
+for _name in ("num_layers", "hidden_size", "num_heads", "num_experts", "expert_width", "shared_width", "vocab_size"):
+    flags.DEFINE_integer(_name, 0, f"e2e: {_name} of the model; 0 keeps Qwen1.5-MoE-A2.7B's.")
+_DEFAULTS = bench_e2e.E2ESettings()
+flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "e2e: prompts per generate call.")
+flags.DEFINE_integer("prompt_len", _DEFAULTS.prompt_len, "e2e: prompt tokens.")
+flags.DEFINE_integer("new_tokens", _DEFAULTS.new_tokens, "e2e: generated tokens (decode speed).")
+flags.DEFINE_integer("calib_sequences", _DEFAULTS.calib_sequences, "e2e: Fisher calibration sequences (N).")
+flags.DEFINE_integer("calib_len", _DEFAULTS.calib_len, "e2e: tokens per calibration sequence (L).")
+flags.DEFINE_integer("micro_batch_size", _DEFAULTS.micro_batch_size, "e2e: rows per scoring step.")
+flags.DEFINE_enum("scorer", _DEFAULTS.scorer, list(bench_e2e.SCORERS), "e2e: which Fisher scorer(s) to time.")
+flags.DEFINE_integer("traj_sequences", _DEFAULTS.traj_sequences, "e2e: calibration sequences for Pathfinder.")
+flags.DEFINE_float("ratio", _DEFAULTS.ratio, "e2e: fraction of dims / experts pruned.")
+flags.DEFINE_float("trim_target", _DEFAULTS.trim_target, "e2e: active routed-parameter fraction of trimming.")
+flags.DEFINE_list("variants", list(bench_e2e.VARIANTS), "e2e: compressed variants measured beside the unpruned.")
+flags.DEFINE_integer("trim_bisect_steps", _DEFAULTS.trim_bisect_steps, "e2e: bisection steps of trimming's tau.")
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerShape:
-    experts: int
-    top_k: int
-    hidden: int
-    width: int
-    tokens: int
-
-
-LAYERS = {
-    "mixtral_small": LayerShape(experts=8, top_k=2, hidden=1024, width=2816, tokens=4096),
-    "qwen15": LayerShape(experts=60, top_k=4, hidden=2048, width=1408, tokens=2048),
-}
-
-
-def _time_round_robin(calls: dict[str, tuple], repeats: dict[str, int]) -> dict[str, float]:
-    """Median wall seconds per call, timed in interleaved rounds after one warm-up each.
-
-    Interleaving makes the ratios robust to load that changes during the run (a shared CPU).
-    """
-    for fn, args in calls.values():
-        jax.block_until_ready(fn(*args))
-    times = {name: [] for name in calls}
-    for r in range(max(repeats.values())):
-        for name, (fn, args) in calls.items():
-            if r < repeats[name]:
-                start = time.perf_counter()
-                jax.block_until_ready(fn(*args))
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _setup(shape: LayerShape, tokens: int, dtype, seed: int):
-    cfg = ModelConfig.create(
-        model_type="qwen2_moe", vocab_size=128, hidden_size=shape.hidden, num_layers=1, num_heads=8,
-        num_kv_heads=8, head_dim=shape.hidden // 8, num_experts=shape.experts,
-        moe_intermediate_size=shape.width, num_experts_per_tok=shape.top_k)
-    keys = jax.random.split(jax.random.key(seed), 5)
-    E, D, F = shape.experts, shape.hidden, shape.width
-    experts = {"bucket_0": {
-        "gate": (jax.random.normal(keys[0], (E, D, F)) / np.sqrt(D)).astype(dtype),
-        "up": (jax.random.normal(keys[1], (E, D, F)) / np.sqrt(D)).astype(dtype),
-        "down": (jax.random.normal(keys[2], (E, F, D)) / np.sqrt(F)).astype(dtype),
-    }}
-    x_TD = jax.random.normal(keys[3], (tokens, D), jnp.float32)
-    router = {"router": {"kernel": jax.random.normal(keys[4], (D, E), jnp.float32)}}
-    routing = jax.jit(lambda x: moe.route(cfg, 0, router, x))(x_TD)
-    return cfg, experts, x_TD, routing
-
-
-def _estimated_flops(impl: str, shape: LayerShape, useful: float) -> float:
-    """FLOPs a path really executes on CPU (ragged_dot lowers to a dense masked product)."""
-    return {"dense": useful * shape.experts / shape.top_k, "ragged": useful * shape.experts}.get(impl, useful)
-
-
-def bench_layer(name: str, shape: LayerShape) -> list[str]:
-    dtype = jnp.dtype(FLAGS.dtype)
-    T = FLAGS.tokens or shape.tokens
-    K, D, F = shape.top_k, shape.hidden, shape.width
-    cfg, experts, x_TD, routing = _setup(shape, T, dtype, FLAGS.seed)
-    useful = 2.0 * T * K * D * F * 3
-
-    # The reference: one dense matmul with the same FLOPs, (T*K, D) @ (D, 3F).
-    a = jax.random.normal(jax.random.key(1), (T * K, D)).astype(dtype)
-    b = jax.random.normal(jax.random.key(2), (D, 3 * F)).astype(dtype)
-    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    matmul_s = _time_round_robin({"matmul": (matmul, (a, b))}, {"matmul": 1})["matmul"]  # for estimates
-
-    calls, repeats, skipped = {"matmul": (matmul, (a, b))}, {"matmul": FLAGS.repeats}, {}
-    for impl in FLAGS.impls:
-        est_s = _estimated_flops(impl, shape, useful) / useful * matmul_s
-        gather_gib = T * K * D * F * 3 * dtype.itemsize / 2**30
-        if impl == "gather" and gather_gib > 1:
-            skipped[impl] = f"gathers {gather_gib:.0f} GiB of weights"
-        elif est_s > FLAGS.budget_s:
-            skipped[impl] = f"est. {est_s:.0f} s/call > --budget_s"
-        else:
-            block_rows = FLAGS.block_rows or None
-            fn = jax.jit(lambda e, x, i, w, impl=impl, block_rows=block_rows: moe.experts_forward(
-                cfg, 0, e, x, (i, w), impl=impl, block_rows=block_rows)[0])
-            calls[impl] = (fn, (experts, x_TD, routing.idx_TK, routing.weights_TK))
-            repeats[impl] = int(max(1, min(FLAGS.repeats, FLAGS.budget_s // max(est_s, 1e-3))))
-    secs = _time_round_robin(calls, repeats)
-
-    loads = np.bincount(np.asarray(routing.idx_TK).ravel(), minlength=shape.experts)
-    matmul_rate = useful / secs["matmul"]
-    rows = [f"\n### {name}: E={shape.experts} top-{K} D={D} F={F} T={T} {FLAGS.dtype}, "
-            f"{useful / 1e9:.0f} useful GFLOP/call, expert load min/max {loads.min()}/{loads.max()}\n",
-            "| path | ms / call | tokens/s | useful GFLOP/s | vs dense matmul |",
-            "|---|---:|---:|---:|---:|",
-            f"| dense matmul ({T * K}x{D} @ {D}x{3 * F}) | {secs['matmul'] * 1e3:.0f} | | "
-            f"{matmul_rate / 1e9:.1f} | 100% |"]
-    for impl in FLAGS.impls:
-        if impl in skipped:
-            rows.append(f"| {impl} | skipped: {skipped[impl]} | | | |")
-            continue
-        rate = useful / secs[impl]
-        label = impl
-        if impl == "blocked":
-            label += f" (B={FLAGS.block_rows or moe.block_rows_for(T, K, shape.experts)})"
-        rows.append(f"| {label} | {secs[impl] * 1e3:.0f} | {T / secs[impl]:,.0f} | {rate / 1e9:.1f} | "
-                    f"{100 * rate / matmul_rate:.0f}% |")
-    return rows
-
-
-def main(argv):
-    del argv
+def dispatch_main() -> None:
     unknown = sorted(set(FLAGS.impls) - set(moe.IMPLS))
     if unknown:
         raise app.UsageError(f"--impls: unknown path(s) {unknown}; expected some of {moe.IMPLS}")
-    names = list(LAYERS) if FLAGS.layer == "all" else [FLAGS.layer]
+    dtype = FLAGS.dtype or "float32"
+    names = list(bench_dispatch.LAYERS) if FLAGS.layer == "all" else [FLAGS.layer]
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores); median of "
           f"{FLAGS.repeats} interleaved calls after warm-up; block_rows={FLAGS.block_rows or 'default'}")
     for name in names:
-        print("\n".join(bench_layer(name, LAYERS[name])), flush=True)
+        shape = bench_dispatch.LAYERS[name]
+        if FLAGS.tokens:
+            shape = bench_dispatch.LayerShape(shape.experts, shape.top_k, shape.hidden, shape.width, FLAGS.tokens)
+        result = bench_dispatch.measure_layer(shape, dtype=dtype, impls=FLAGS.impls, repeats=FLAGS.repeats,
+                                              block_rows=FLAGS.block_rows or None, budget_s=FLAGS.budget_s,
+                                              seed=FLAGS.seed)
+        print("\n".join(bench_dispatch.layer_rows(name, shape, result, dtype, FLAGS.impls)), flush=True)
+
+
+def e2e_main() -> None:
+    if not FLAGS.workdir:
+        raise app.UsageError("--mode=e2e needs --workdir (report.md and report.json are written there)")
+    fields = {f: getattr(FLAGS, f) for f in bench_e2e.E2ESettings.__dataclass_fields__ if f in FLAGS}
+    settings = bench_e2e.E2ESettings(**{**fields, "dtype": FLAGS.dtype or "bfloat16",
+                                        "variants": tuple(FLAGS.variants)})
+    try:
+        settings.check()
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+    report = bench_e2e.run(settings)
+    command = "python -m experiments.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    workdir = Path(FLAGS.workdir)
+    reporting.atomic_write(workdir / "report.json", json.dumps({**report, "command": command}, indent=1))
+    text = bench_e2e.markdown(report, command)
+    reporting.atomic_write(workdir / "report.md", text)
+    print(text)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    dispatch_main() if FLAGS.mode == "dispatch" else e2e_main()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,9 +21,8 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, launch, reporting, telemetry, trimming  # noqa: E402
+from moe_jax import evaluation, launch, reporting, synthetic, telemetry, trimming  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
-from moe_jax.model import transformer  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/trim_latency.py[:preset].", lock_config=True)
@@ -39,11 +37,7 @@ def random_model(c):
         num_experts=c.num_experts, num_experts_per_tok=c.top_k, moe_intermediate_size=c.width,
         shared_expert_width=c.shared_width, shared_expert_gate=bool(c.shared_width), qkv_bias=True,
         max_position_embeddings=c.prompt_len + c.new_tokens)
-    params = transformer.init(cfg, jax.random.PRNGKey(c.seed), jnp.dtype(c.dtype))
-    for i in cfg.moe_layers:
-        router = params[cfg.layer_name(i)]["moe"]["router"]
-        router["kernel"] = router["kernel"] * c.router_scale
-    return cfg, params
+    return cfg, synthetic.random_params(cfg, c.seed, c.dtype, c.router_scale)
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,248 @@
+"""End-to-end benchmark of a Qwen1.5-MoE-A2.7B-shaped random model, compressed four ways (no flags: `bench.py`).
+
+In one run, side by side: prefill and decode tokens/s (`telemetry.active_token_latency`), weight
+bytes and device memory of the unpruned model, Fisher-MoE 50% (expert and global scopes),
+Pathfinder 50% of experts and run-time trimming calibrated to an active-parameter target; the
+MoE layer's achieved FLOP/s against a dense matmul of the same FLOPs; and the time Fisher
+scoring takes for N x L calibration tokens. Weights are random (nothing is downloaded); the
+scores come from `scoring.collect` on random calibration tokens, so the plans exercise the real
+selection, compaction and dispatch code but say nothing about accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import bench_dispatch
+from moe_jax import evaluation, pruning, scoring, synthetic, telemetry, trimming
+from moe_jax.config import ModelConfig
+from moe_jax.model import decode
+from moe_jax.reporting import fmt
+
+SCORERS = ("collect", "layerwise", "both")
+VARIANTS = ("fisher_expert", "fisher_global", "pathfinder", "trimmed")  # beside "unpruned", always measured
+
+
+@dataclasses.dataclass(frozen=True)
+class E2ESettings:
+    """Model size overrides (0 = Qwen1.5-MoE-A2.7B's value) and the workload."""
+
+    num_layers: int = 0
+    hidden_size: int = 0
+    num_heads: int = 0
+    num_experts: int = 0
+    expert_width: int = 0
+    shared_width: int = 0
+    vocab_size: int = 0
+    dtype: str = "bfloat16"
+    router_scale: float = 40.0
+    batch_size: int = 8
+    prompt_len: int = 256
+    new_tokens: int = 64
+    repeats: int = 3
+    calib_sequences: int = 128
+    calib_len: int = 2048
+    micro_batch_size: int = 4
+    scorer: str = "collect"
+    traj_sequences: int = 16
+    ratio: float = 0.5
+    trim_target: float = 0.75
+    trim_bisect_steps: int = 8
+    variants: tuple[str, ...] = VARIANTS
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer={self.scorer!r}; expected one of {SCORERS}")
+        for name in ("batch_size", "prompt_len", "repeats", "calib_sequences", "micro_batch_size", "traj_sequences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.new_tokens < 2 or self.calib_len < 1:
+            raise ValueError(f"new_tokens={self.new_tokens} must be >= 2 and calib_len={self.calib_len} >= 1")
+        unknown = sorted(set(self.variants) - set(VARIANTS))
+        if unknown:
+            raise ValueError(f"variants: unknown {unknown}; expected some of {VARIANTS}")
+        if not 0 < self.ratio < 1 or not 0 < self.trim_target <= 1:
+            raise ValueError(f"ratio={self.ratio} must lie in (0, 1) and trim_target={self.trim_target} in (0, 1]")
+
+    def sizes(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("num_layers", "hidden_size", "num_heads", "num_experts", "expert_width",
+                                              "shared_width", "vocab_size")}
+
+
+def _seconds(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - start
+
+
+def _token_batches(rng: np.random.Generator, cfg: ModelConfig, sequences: int, length: int, rows: int):
+    """Random (rows, length + 1) calibration token arrays: `sequences` rows in all."""
+    tokens = rng.integers(0, cfg.vocab_size, (sequences, length + 1), dtype=np.int32)
+    return [tokens[i:i + rows] for i in range(0, sequences, rows)]
+
+
+def device_memory() -> dict[str, Any]:
+    """Peak bytes the device allocator has seen in this process, where the backend reports it."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"peak_bytes_in_use": stats.get("peak_bytes_in_use"), "bytes_in_use": stats.get("bytes_in_use")}
+
+
+def generate_program_bytes(cfg: ModelConfig, params, batch: int, prompt_len: int, new_tokens: int,
+                           masks=None) -> int | None:
+    """Device bytes XLA plans for the generate program (arguments + outputs + temporaries - aliased),
+    from the compiled program's memory analysis: a per-model peak where the allocator's is cumulative."""
+    tokens = jnp.zeros((batch, prompt_len), jnp.int32)
+    lowered = decode._generate.lower(cfg, params, tokens, jnp.ones_like(tokens, bool), jax.random.PRNGKey(0),
+                                     jnp.int32(-1), jnp.int32(0), masks, max_new_tokens=new_tokens, temperature=0.0,
+                                     top_p=1.0, impl="auto")
+    stats = lowered.compile().memory_analysis()
+    if stats is None:
+        return None
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+               - stats.alias_size_in_bytes)
+
+
+def _variant_row(label: str, cfg: ModelConfig, params, s: E2ESettings, masks=None, active_fraction=None) -> dict:
+    size = evaluation.model_size(cfg, params)
+    speed = telemetry.active_token_latency(cfg, params, masks=masks, batch_size=s.batch_size, prompt_len=s.prompt_len,
+                                           new_tokens=s.new_tokens, repeats=s.repeats, seed=s.seed)
+    routed_active = size["active_per_token"] - size["non_expert"]
+    return {"variant": label, "weight_bytes": size["bytes"], "params": size["total"],
+            "active_params_per_token": size["active_per_token"], "routed_active_per_token": routed_active,
+            "active_fraction": active_fraction, "experts_per_layer": size["experts_per_layer"],
+            "prefill_tokens_per_s": speed["prefill_tokens_per_s"], "decode_tokens_per_s": speed["decode_tokens_per_s"],
+            "program_bytes": generate_program_bytes(cfg, params, s.batch_size, s.prompt_len, s.new_tokens, masks),
+            "device_memory": device_memory()}
+
+
+def _score(cfg, params, s: E2ESettings, log) -> tuple[scoring.Scores, dict[str, float]]:
+    """Fisher scores of N x L random calibration tokens, timed for each scorer asked for (compile included)."""
+    batches = _token_batches(np.random.default_rng(s.seed), cfg, s.calib_sequences, s.calib_len, s.micro_batch_size)
+    times, scores = {}, None
+    if s.scorer in ("collect", "both"):
+        scores, times["collect"] = _seconds(lambda: scoring.collect(
+            cfg, params, batches, ["fisher"], micro_batch_size=s.micro_batch_size, progress=False))
+        log(f"fisher scoring (collect): {times['collect']:.1f} s")
+    if s.scorer in ("layerwise", "both"):
+        host = jax.tree_util.tree_map(np.asarray, params)
+        got, times["layerwise"] = _seconds(lambda: scoring.collect_layerwise(
+            cfg, host, batches, ["fisher"], micro_batch_size=s.micro_batch_size, progress=False))
+        del host
+        scores = scores or got
+        log(f"fisher scoring (layerwise): {times['layerwise']:.1f} s")
+    return scores, times
+
+
+def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every measurement of the module docstring, as one JSON-able dict."""
+    s.check()
+    t_start = time.perf_counter()
+    cfg = synthetic.qwen15_moe_config(**s.sizes())
+    params, init_s = _seconds(lambda: synthetic.random_params(cfg, s.seed, s.dtype, s.router_scale))
+    log(f"model: {cfg.num_layers} layers, {evaluation.model_size(cfg, params)['total']:,} params ({init_s:.1f} s)")
+
+    fisher, score_s = _score(cfg, params, s, log)
+    traj_batches = _token_batches(np.random.default_rng(s.seed + 1), cfg, s.traj_sequences, s.calib_len,
+                                  s.micro_batch_size)
+    traj, traj_s, policy, trim_s = None, None, None, None
+    if "pathfinder" in s.variants:
+        traj, traj_s = _seconds(lambda: scoring.collect(cfg, params, traj_batches, ["trajectory"],
+                                                        micro_batch_size=s.micro_batch_size, progress=False))
+    if "trimmed" in s.variants:
+        policy, trim_s = _seconds(lambda: trimming.calibrate(cfg, params, traj_batches[:1], s.trim_target,
+                                                             bisect_steps=s.trim_bisect_steps))
+    pct = f"{s.ratio:.0%}"
+    plans = {"fisher_expert": (f"Fisher-MoE {pct} (expert)", lambda: pruning.select(cfg, fisher, "fisher", "expert",
+                                                                                     s.ratio)),
+             "fisher_global": (f"Fisher-MoE {pct} (global)", lambda: pruning.select(cfg, fisher, "fisher", "global",
+                                                                                     s.ratio)),
+             "pathfinder": (f"Pathfinder {pct} experts", lambda: pruning.select(cfg, traj, "pathfinder", "global",
+                                                                                 s.ratio))}
+
+    rows = [_variant_row("unpruned", cfg, params, s, active_fraction=1.0)]
+    log(str(rows[-1]))
+    for key, (label, plan) in plans.items():
+        if key in s.variants:
+            cfg_p, params_p = pruning.apply(cfg, params, plan())
+            rows.append(_variant_row(label, cfg_p, params_p, s))
+            del params_p
+            log(str(rows[-1]))
+    if policy is not None:
+        rows.append(_variant_row(f"trimmed (target {s.trim_target:.2f})", cfg, params, s, policy.masks(cfg, params),
+                                 active_fraction=policy.calibration["active_fraction"]))
+        log(str(rows[-1]))
+    base = rows[0]["routed_active_per_token"]
+    for r in rows:
+        if r["active_fraction"] is None:
+            r["active_fraction"] = r["routed_active_per_token"] / base
+
+    layer = cfg.moe_layers[0]
+    shape = bench_dispatch.LayerShape(cfg.experts_per_layer[layer], cfg.num_experts_per_tok, cfg.hidden_size,
+                                      cfg.expert_widths[layer][0], s.batch_size * s.prompt_len)
+    dispatch = bench_dispatch.measure_layer(shape, dtype=s.dtype, impls=("blocked",), repeats=s.repeats,
+                                            seed=s.seed)
+    return {"settings": dataclasses.asdict(s), "config": cfg.to_dict(), "device": jax.devices()[0].device_kind,
+            "backend": jax.default_backend(), "jax": jax.__version__, "init_seconds": init_s,
+            "fisher_scoring_seconds": score_s, "calibration_tokens": s.calib_sequences * s.calib_len,
+            "trajectory_seconds": traj_s, "trajectory_tokens": s.traj_sequences * s.calib_len,
+            "trim_calibration_seconds": trim_s, "trim_policy": policy and policy.to_json(), "variants": rows,
+            "moe_layer": {"shape": dataclasses.asdict(shape), **dispatch}, "seconds": time.perf_counter() - t_start}
+
+
+def _mib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.1f}"
+
+
+def markdown(report: dict[str, Any], command: str) -> str:
+    """The report as a markdown page: the variants table, the MoE layer's FLOP/s, scoring time."""
+    s, cfg = report["settings"], report["config"]
+    E, K = cfg["experts_per_layer"][cfg["layer_kinds"].index("moe")], cfg["num_experts_per_tok"]
+    lines = [
+        "# End-to-end benchmark: Qwen1.5-MoE-A2.7B-shaped random model", "",
+        f"Command: `{command}`", "",
+        f"Device: {report['device']} ({report['backend']}, jax {report['jax']}). Random {s['dtype']} weights "
+        f"(routers x{s['router_scale']:g}); {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, {E} experts "
+        f"x {cfg['expert_widths'][cfg['layer_kinds'].index('moe')][0]} top-{K}, shared expert "
+        f"{cfg['shared_expert_width']}, vocab {cfg['vocab_size']}. Batch {s['batch_size']}, prompt "
+        f"{s['prompt_len']}, {s['new_tokens']} new tokens; medians of {s['repeats']} calls after warm-up. "
+        f"Scores from `scoring.collect` on random calibration tokens (Fisher: {s['calib_sequences']} x "
+        f"{s['calib_len']}; Pathfinder's trajectories: {s['traj_sequences']} x {s['calib_len']}), so the plans are "
+        f"real selections of a random model: speed and memory only, no accuracy. Total {report['seconds']:.0f} s.", "",
+        "| variant | weights MiB | params | routed active/token (vs unpruned) | prefill tok/s | decode tok/s "
+        "| generate program MiB (XLA) | device peak MiB (process) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["variants"]:
+        lines.append(f"| {r['variant']} | {_mib(r['weight_bytes'])} | {r['params']:,} | {r['active_fraction']:.2f} | "
+                     f"{fmt(r['prefill_tokens_per_s'], 0)} | {fmt(r['decode_tokens_per_s'], 0)} | "
+                     f"{_mib(r['program_bytes'])} | {_mib(r['device_memory']['peak_bytes_in_use'])} |")
+    layer = report["moe_layer"]
+    secs, useful = layer["seconds"], layer["useful_flops"]
+    sh = layer["shape"]
+    moe_rate, mm_rate = useful / secs["blocked"], useful / secs["matmul"]
+    lines += [
+        "", "Generate program: the bytes XLA's memory analysis plans for one `generate` call (weights, KV cache, "
+        "temporaries), a per-variant peak. Device peak: the allocator's `peak_bytes_in_use`, cumulative over the "
+        "process (rows run in order; n/a where the backend reports none, as on CPU).", "",
+        f"MoE layer ({sh['tokens']} tokens, E={sh['experts']} top-{sh['top_k']} D={sh['hidden']} F={sh['width']}, "
+        f"{s['dtype']}, blocked dispatch B={layer['block_rows']}): {moe_rate / 1e12:.4f} TFLOP/s useful vs "
+        f"{mm_rate / 1e12:.4f} TFLOP/s for a dense matmul of the same FLOPs "
+        f"({useful / 1e9:.1f} GFLOP): {100 * moe_rate / mm_rate:.0f}%.", ""]
+    for name, sec in report["fisher_scoring_seconds"].items():
+        lines.append(f"Fisher scoring ({name}, compile included): {report['calibration_tokens']:,} tokens "
+                     f"({s['calib_sequences']} x {s['calib_len']}, micro-batch {s['micro_batch_size']}) "
+                     f"in {sec:.1f} s.")
+    if report["trajectory_seconds"] is not None:
+        lines.append(f"Trajectory statistics (Pathfinder): {report['trajectory_tokens']:,} tokens in "
+                     f"{report['trajectory_seconds']:.1f} s.")
+    if report["trim_calibration_seconds"] is not None:
+        lines.append(f"Trimming calibration ({s['trim_bisect_steps']} bisection steps on {s['micro_batch_size']} x "
+                     f"{s['calib_len']} tokens): {report['trim_calibration_seconds']:.1f} s.")
+    return "\n".join(lines) + "\n"
