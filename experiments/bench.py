@@ -57,6 +57,8 @@ _DEFAULTS = bench_e2e.E2ESettings()
 flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "e2e: prompts per generate call.")
 flags.DEFINE_integer("prompt_len", _DEFAULTS.prompt_len, "e2e: prompt tokens.")
 flags.DEFINE_integer("new_tokens", _DEFAULTS.new_tokens, "e2e: generated tokens (decode speed).")
+flags.DEFINE_integer("rounds", _DEFAULTS.rounds, "e2e: passes over all variants (median); > 1 keeps every "
+                     "compressed copy in memory at once.")
 flags.DEFINE_integer("calib_sequences", _DEFAULTS.calib_sequences, "e2e: Fisher calibration sequences (N).")
 flags.DEFINE_integer("calib_len", _DEFAULTS.calib_len, "e2e: tokens per calibration sequence (L).")
 flags.DEFINE_integer("micro_batch_size", _DEFAULTS.micro_batch_size, "e2e: rows per scoring step.")

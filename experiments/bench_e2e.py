@@ -12,6 +12,7 @@ selection, compaction and dispatch code but say nothing about accuracy.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +48,7 @@ class E2ESettings:
     prompt_len: int = 256
     new_tokens: int = 64
     repeats: int = 3
+    rounds: int = 1
     calib_sequences: int = 128
     calib_len: int = 2048
     micro_batch_size: int = 4
@@ -61,7 +63,8 @@ class E2ESettings:
     def check(self) -> None:
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer={self.scorer!r}; expected one of {SCORERS}")
-        for name in ("batch_size", "prompt_len", "repeats", "calib_sequences", "micro_batch_size", "traj_sequences"):
+        for name in ("batch_size", "prompt_len", "repeats", "rounds", "calib_sequences", "micro_batch_size",
+                     "traj_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         if self.new_tokens < 2 or self.calib_len < 1:
@@ -110,17 +113,28 @@ def generate_program_bytes(cfg: ModelConfig, params, batch: int, prompt_len: int
                - stats.alias_size_in_bytes)
 
 
+def _speed(cfg: ModelConfig, params, s: E2ESettings, masks=None) -> dict:
+    return telemetry.active_token_latency(cfg, params, masks=masks, batch_size=s.batch_size, prompt_len=s.prompt_len,
+                                          new_tokens=s.new_tokens, repeats=s.repeats, seed=s.seed)
+
+
 def _variant_row(label: str, cfg: ModelConfig, params, s: E2ESettings, masks=None, active_fraction=None) -> dict:
     size = evaluation.model_size(cfg, params)
-    speed = telemetry.active_token_latency(cfg, params, masks=masks, batch_size=s.batch_size, prompt_len=s.prompt_len,
-                                           new_tokens=s.new_tokens, repeats=s.repeats, seed=s.seed)
+    speed = _speed(cfg, params, s, masks)
     routed_active = size["active_per_token"] - size["non_expert"]
     return {"variant": label, "weight_bytes": size["bytes"], "params": size["total"],
             "active_params_per_token": size["active_per_token"], "routed_active_per_token": routed_active,
             "active_fraction": active_fraction, "experts_per_layer": size["experts_per_layer"],
-            "prefill_tokens_per_s": speed["prefill_tokens_per_s"], "decode_tokens_per_s": speed["decode_tokens_per_s"],
+            "prefill_tokens_per_s": [speed["prefill_tokens_per_s"]],
+            "decode_tokens_per_s": [speed["decode_tokens_per_s"]],
             "program_bytes": generate_program_bytes(cfg, params, s.batch_size, s.prompt_len, s.new_tokens, masks),
             "device_memory": device_memory()}
+
+
+def _median(values) -> float | None:
+    """Median of the measured rounds; a decode time lost in noise (None) is left out."""
+    known = [v for v in values if v is not None]
+    return float(np.median(known)) if known else None
 
 
 def _score(cfg, params, s: E2ESettings, log) -> tuple[scoring.Scores, dict[str, float]]:
@@ -167,18 +181,28 @@ def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
              "pathfinder": (f"Pathfinder {pct} experts", lambda: pruning.select(cfg, traj, "pathfinder", "global",
                                                                                  s.ratio))}
 
-    rows = [_variant_row("unpruned", cfg, params, s, active_fraction=1.0)]
-    log(str(rows[-1]))
+    variants = [("unpruned", cfg, params, None, 1.0)]
     for key, (label, plan) in plans.items():
         if key in s.variants:
             cfg_p, params_p = pruning.apply(cfg, params, plan())
-            rows.append(_variant_row(label, cfg_p, params_p, s))
-            del params_p
-            log(str(rows[-1]))
+            variants.append((label, cfg_p, params_p, None, None))
     if policy is not None:
-        rows.append(_variant_row(f"trimmed (target {s.trim_target:.2f})", cfg, params, s, policy.masks(cfg, params),
-                                 active_fraction=policy.calibration["active_fraction"]))
+        variants.append((f"trimmed (target {s.trim_target:.2f})", cfg, params, policy.masks(cfg, params),
+                         policy.calibration["active_fraction"]))
+    rows = []
+    for label, cfg_v, params_v, masks, fraction in variants:
+        rows.append(_variant_row(label, cfg_v, params_v, s, masks, fraction))
         log(str(rows[-1]))
+    for _ in range(s.rounds - 1):  # more rounds over all variants: load that changes moves every row alike
+        for row, (_, cfg_v, params_v, masks, _) in zip(rows, variants):
+            speed = _speed(cfg_v, params_v, s, masks)
+            row["prefill_tokens_per_s"].append(speed["prefill_tokens_per_s"])
+            row["decode_tokens_per_s"].append(speed["decode_tokens_per_s"])
+    del variants
+    for row in rows:
+        row["prefill_rounds"], row["decode_rounds"] = row["prefill_tokens_per_s"], row["decode_tokens_per_s"]
+        row["prefill_tokens_per_s"], row["decode_tokens_per_s"] = _median(row["prefill_rounds"]), _median(
+            row["decode_rounds"])
     base = rows[0]["routed_active_per_token"]
     for r in rows:
         if r["active_fraction"] is None:
@@ -190,7 +214,8 @@ def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     dispatch = bench_dispatch.measure_layer(shape, dtype=s.dtype, impls=("blocked",), repeats=s.repeats,
                                             seed=s.seed)
     return {"settings": dataclasses.asdict(s), "config": cfg.to_dict(), "device": jax.devices()[0].device_kind,
-            "backend": jax.default_backend(), "jax": jax.__version__, "init_seconds": init_s,
+            "backend": jax.default_backend(), "jax": jax.__version__, "cpu_cores": os.cpu_count(),
+            "init_seconds": init_s,
             "fisher_scoring_seconds": score_s, "calibration_tokens": s.calib_sequences * s.calib_len,
             "trajectory_seconds": traj_s, "trajectory_tokens": s.traj_sequences * s.calib_len,
             "trim_calibration_seconds": trim_s, "trim_policy": policy and policy.to_json(), "variants": rows,
@@ -208,11 +233,14 @@ def markdown(report: dict[str, Any], command: str) -> str:
     lines = [
         "# End-to-end benchmark: Qwen1.5-MoE-A2.7B-shaped random model", "",
         f"Command: `{command}`", "",
-        f"Device: {report['device']} ({report['backend']}, jax {report['jax']}). Random {s['dtype']} weights "
+        f"Device: {report['device']} ({report['backend']}, jax {report['jax']}, {report['cpu_cores']} CPU cores). "
+        f"Random {s['dtype']} weights "
         f"(routers x{s['router_scale']:g}); {cfg['num_layers']} layers, hidden {cfg['hidden_size']}, {E} experts "
         f"x {cfg['expert_widths'][cfg['layer_kinds'].index('moe')][0]} top-{K}, shared expert "
         f"{cfg['shared_expert_width']}, vocab {cfg['vocab_size']}. Batch {s['batch_size']}, prompt "
-        f"{s['prompt_len']}, {s['new_tokens']} new tokens; medians of {s['repeats']} calls after warm-up. "
+        f"{s['prompt_len']}, {s['new_tokens']} new tokens; medians of {s['rounds']} round(s) over all variants of "
+        f"{s['repeats']} calls "
+        f"after warm-up each. "
         f"Scores from `scoring.collect` on random calibration tokens (Fisher: {s['calib_sequences']} x "
         f"{s['calib_len']}; Pathfinder's trajectories: {s['traj_sequences']} x {s['calib_len']}), so the plans are "
         f"real selections of a random model: speed and memory only, no accuracy. Total {report['seconds']:.0f} s.", "",
