@@ -34,7 +34,7 @@ def _quick() -> dict:
         prune=dict(methods=(("fisher:expert", 0.5), ("fisher:global", 0.5), ("pathfinder:global", 0.25)),
                    eval=dict(n_per_domain=3, throughput=False), calibration=dict(n_per_domain=4)),
         fisher_moe=dict(n_per_domain=3, calibration=calib3, methods=("fisher", "random"), scopes=("global",),
-                        ratios=(0.5,), sensitivity_rankings=("fisher",), sensitivity_ks=(1, 4), repeats=1,
+                        ratios=(0.5,), sensitivity_rankings=("fisher",), sensitivity_ks=(1, 4), repeats=3,
                         throughput_batch=2, prompt_len=8, throughput_this_model=False,
                         heavy=dict(hidden_size=32, width=16, num_experts=4, vocab_size=64, num_heads=2,
                                    num_layers=1)),
@@ -46,7 +46,8 @@ def _quick() -> dict:
                       latency=dict(repeats=1, rounds=1, new_tokens=16, prompt_len=16)),
         trim_latency=dict(hidden_size=32, num_layers=1, num_heads=2, num_experts=8, width=16, vocab_size=64,
                           batch_sizes=(2,), prompt_len=8, new_tokens=4, repeats=1, rounds=1),
-        audit=dict(n_safety=12, n_utility=2, n_attack=2, rows=("unpruned", "pathfinder_safe", "trimmed"),
+        # Two rows: the unpruned row is recomputed whenever the audit resumes (its GCG suffix feeds transfer).
+        audit=dict(n_safety=12, n_utility=2, n_attack=2, rows=("pathfinder_safe", "trimmed"),
                    attacks=dict(max_queries=200, gcg_steps=2, gcg_candidates=4, reach_prompts=2),
                    calibration=dict(n_per_domain=4), safety_calibration=dict(n_per_domain=8),
                    monitor=dict(n_per_domain=3),
@@ -63,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train = False  # True: train the model (configs/skills_tiny.py) even though the checkpoint exists
     config.stages = STAGE_ORDER
     config.rerun = ()  # stage names to run again even if their outputs are valid
+    config.jobs = 1  # stages at once; > 1 only where timings do not matter (CI: quick with jobs=2 on 2 cores)
     config.keep_going = True  # a failed stage does not stop the others (the run still exits non-zero)
     config.compilation_cache = True  # WORKDIR/.jax_cache shared by the stages (unless JAX_COMPILATION_CACHE_DIR is set)
     # Launcher config overrides per stage ({key: value}, nested as in the launcher's config; for

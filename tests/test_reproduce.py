@@ -4,7 +4,8 @@ The quick reproduction runs each experiment launcher at smoke size (configs/repr
 these tests are also the launchers' end-to-end smokes: the fixture runs it, then simulates a
 kill (the audit stage lost its report with its rows already in progress.json; the prune stage
 lost its table with its scores already in scores.npz) and runs it again. The tests assert on
-RESULTS.md, on each stage's outputs, and on what the second run redid and skipped.
+RESULTS.md, on each stage's outputs, and on what the second run redid and skipped. Two stages
+run at a time (CI has two cores; the stages mostly compile, single-threaded).
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ def reproduce(workdir: Path, *overrides: str, timeout: int = 1500) -> subprocess
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reproduce")
-    first = reproduce(workdir, "--config.quick=True")
+    first = reproduce(workdir, "--config.quick=True", "--config.jobs=2")
     assert first.returncode == 0, first.stderr[-4000:]
     markers = {s: (workdir / s / "STAGE.json").stat().st_mtime_ns for s in STAGES}
     results_md = (workdir / "RESULTS.md").read_text()
     for stage, output in KILLED.items():  # killed after its work was saved, before its report
         (workdir / stage / output).unlink()
-    second = reproduce(workdir, "--config.quick=True")
+    second = reproduce(workdir, "--config.quick=True", "--config.jobs=2")
     assert second.returncode == 0, second.stderr[-4000:]
     return SimpleNamespace(dir=workdir, first=first, second=second, markers=markers, results_md=results_md)
 
@@ -96,11 +97,13 @@ def test_results_md_holds_every_table_filled(run):
     tradeoff = next(rows for h, rows in tables if h.startswith("Dense vs standard"))
     labels = [r[0] for r in tradeoff[1:]]
     assert labels == ["dense-equivalent (all 8 experts)", "standard top-2", "trimmed global @ 0.65"]
-    # The standard and trimmed rows are the models the audit attacked: their ASR comes from its table.
+    # The trimmed row is a model the audit attacked (same target and calibration): its ASR comes from
+    # the audit; quick mode audits no unpruned row, so the dense and standard rows say so.
     audit = json.loads((run.dir / "audit" / "report.json").read_text())["rows"]
-    assert tradeoff[2][-2] == f"{audit['unpruned']['attacks']['route_forcing']['asr']:.3f}"
-    assert tradeoff[3][-2] == f"{audit['trimmed']['attacks']['route_forcing']['asr']:.3f}"
-    assert tradeoff[1][-2] == "not audited"
+    trimmed = audit["trimmed"]
+    assert tradeoff[3][-2:] == [f"{trimmed['attacks']['route_forcing']['asr']:.3f}",
+                                f"{trimmed['monitor']['tpr']:.3f} / {trimmed['monitor']['fpr']:.3f}"]
+    assert tradeoff[1][-2] == tradeoff[2][-2] == "not audited"
     for png in re.findall(r"\]\(([^)]+\.png)\)", text):
         assert (run.dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert len(re.findall(r"\]\(([^)]+\.png)\)", text)) == 5  # sweep, sensitivity, kept 25 / 50, curves
@@ -217,7 +220,7 @@ def test_trim_latency_stage(run):
 def test_audit_stage(run):
     d = run.dir / "audit"
     report = json.loads((d / "report.json").read_text())
-    assert list(report["rows"]) == ["unpruned", "pathfinder_safe", "trimmed"]
+    assert list(report["rows"]) == ["pathfinder_safe", "trimmed"]
     row = report["rows"]["pathfinder_safe"]
     assert 0.0 <= row["refusal_rate"] <= 1.0 and row["critical_experts_removed"] == 0
     assert row["attacks"]["route_forcing"]["queries"] <= 200

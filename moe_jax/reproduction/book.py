@@ -280,8 +280,9 @@ def render_audit(r: dict) -> list[str]:
 
 def render_bench(name: str, r: dict) -> list[str]:
     lines = [f"## Dispatch benchmark (experiments/bench.py; stage {name})", ""]
-    for t in r["tables"]:
-        lines += [f"**{t['title']}**", "", *_table(t["header"], t["rows"]), ""]
+    for t in r["tables"]:  # the launcher leaves cells that do not apply blank (the matmul's tokens/s)
+        rows = [[c or "n/a" for c in row] for row in t["rows"]]
+        lines += [f"**{t['title']}**", "", *_table(t["header"], rows), ""]
     return lines
 
 
