@@ -60,11 +60,12 @@ def scaled_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.3) -> dict:
 def shared_compilation_cache(tmp_path_factory):
     """A JAX persistent compilation cache shared by the launcher subprocesses of this session.
 
-    The launcher smokes (tests/test_launchers.py) spend most of their time compiling; many of their
-    programs (the skills_tiny model's generate and perplexity steps, the same eval prompts, the same
-    pruned shapes) recur across launchers and, for eager ops, inside one launcher. Cache entries are
+    The launcher smokes (the quick reproduction's stages, tests/test_reproduce.py) and the notebooks'
+    kernels (tests/test_notebooks.py) spend most of their time compiling; many of their programs (the
+    skills_tiny model's generate and perplexity steps, the same eval prompts, the same pruned shapes)
+    recur across launchers and, for eager ops, inside one launcher. Cache entries are
     keyed by the compiled program, so a changed computation still compiles afresh. Only subprocesses
-    see it: this process imported jax before the variables were set. An explicit
+    and kernels see it: this process imported jax before the variables were set. An explicit
     JAX_COMPILATION_CACHE_DIR in the environment is kept."""
     settings = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_compilation_cache")),
                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # every compile, even the small eager ones

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -257,27 +252,4 @@ def test_router_masking_and_silencing_change_what_they_say():
     assert sorted(off) == sorted(silenced.details["silenced"]) and len(off) == 3
 
 
-BUILT_IN = Path(__file__).resolve().parents[1] / "checkpoints" / "skills_tiny"
-SMOKE = ("--config.n_safety=12", "--config.n_utility=2", "--config.n_attack=2", "--config.attacks.max_queries=200",
-         "--config.attacks.gcg_steps=2", "--config.attacks.gcg_candidates=4", "--config.attacks.reach_prompts=2",
-         "--config.calibration.n_per_domain=4", "--config.safety_calibration.n_per_domain=8",
-         "--config.monitor.n_per_domain=3", "--config.rows=('pathfinder_safe',)")
-
-
-@pytest.mark.skipif(not (BUILT_IN / "config.json").exists(), reason="no committed model")
-def test_audit_launcher_smoke_and_resume(tmp_path):
-    def launch():
-        return subprocess.run([sys.executable, str(BUILT_IN.parents[1] / "experiments" / "audit.py"),
-                               f"--config={BUILT_IN.parents[1] / 'configs' / 'router_audit.py'}",
-                               f"--workdir={tmp_path}", *SMOKE], capture_output=True, text=True, timeout=900)
-
-    first = launch()
-    assert first.returncode == 0, first.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-    row = report["rows"]["pathfinder_safe"]
-    assert 0.0 <= row["refusal_rate"] <= 1.0 and row["critical_experts_removed"] == 0
-    assert row["attacks"]["route_forcing"]["queries"] <= 200
-    assert row["monitor"]["calibration_fpr"] <= 0.05 + 1e-9
-    assert "| Pathfinder 50% (safety-aware) |" in (tmp_path / "report.md").read_text()
-    again = launch()
-    assert again.returncode == 0 and "pathfinder_safe: cached" in again.stdout
+# The audit launcher's smoke and resume check run as a stage of the quick reproduction (tests/test_reproduce.py).
