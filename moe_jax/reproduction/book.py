@@ -246,9 +246,9 @@ def render_trim_latency(r: dict) -> list[str]:
              f"{r['device']} ({r['backend']}).", ""]
     return lines + _table(["batch", "active experts/token", "prefill ms/token", "decode ms/token", "decode tok/s",
                            "decode vs top-k", "prefill vs top-k"],
-                          [[x["batch_size"], x["active_experts"], f"{x['prefill_latency_ms_per_token']:.4f}",
-                            f"{x['decode_latency_ms_per_token']:.2f}", f"{x['decode_tokens_per_s']:,.0f}",
-                            f"{x['decode_vs_top_k']:.2f}", f"{x['prefill_vs_top_k']:.2f}"] for x in r["results"]])
+                          [[x["batch_size"], x["active_experts"], fmt(x["prefill_latency_ms_per_token"], 4),
+                            fmt(x["decode_latency_ms_per_token"], 2), fmt(x["decode_tokens_per_s"], 0),
+                            fmt(x["decode_vs_top_k"], 2), fmt(x["prefill_vs_top_k"], 2)] for x in r["results"]])
 
 
 AUDIT_LABELS = {"unpruned": "unpruned", "fisher": "Fisher-MoE {r} (plain)",
