@@ -135,7 +135,7 @@ def evaluate_row(config, key, model, tok, examples, clean_rows, monitor_rows, ta
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
+    mesh = launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     unknown = sorted(set(config.rows) - set(LABELS))
@@ -145,6 +145,7 @@ def main(argv: list[str]) -> None:
     t_start = time.perf_counter()
     path = Path(config.model_path).expanduser() if config.model_path else REPO / config.checkpoint
     cfg, params = evaluation.load_model(path, "float32")
+    params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
     tok = evaluation.load_eval_tokenizer("auto", path, cfg)
     safety_set = skills.eval_set("safety", config.n_safety, config.seed)
     forbidden, _ = safety.split_safety_set(safety_set)

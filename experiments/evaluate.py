@@ -37,7 +37,7 @@ def model_dir(config, workdir: Path) -> Path:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
+    mesh = launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     path = model_dir(config, workdir)
@@ -48,6 +48,7 @@ def main(argv: list[str]) -> None:
     except (FileNotFoundError, ValueError) as err:
         raise app.UsageError(f"{err}\n(set --config.model_path=<HF checkpoint dir> or train a model into "
                              f"{workdir}/model with experiments/train.py)") from None
+    params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
     print(f"Evaluating {path} ({cfg.model_type}, {type(tokenizer).__name__})")
     results = {"model_path": str(path), **evaluation.evaluate(cfg, params, tokenizer, settings)}
     print(evaluation.format_table(results))

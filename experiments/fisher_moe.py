@@ -163,7 +163,7 @@ def memory_table(cfg: ModelConfig, params, sizes: dict[str, dict]) -> dict[str, 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
+    mesh = launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -171,6 +171,7 @@ def main(argv: list[str]) -> None:
         pruning.check_ratio(r)
     path = Path(config.model_path).expanduser() if config.model_path else REPO / config.checkpoint
     cfg, params = evaluation.load_model(path, "float32")
+    params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
     tokenizer = evaluation.load_eval_tokenizer("auto", path, cfg)
     t_start = time.perf_counter()
 

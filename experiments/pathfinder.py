@@ -112,12 +112,13 @@ def plot_kept(path: Path, cfg: ModelConfig, plans: dict[str, pruning.PruningPlan
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
+    mesh = launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = Path(config.model_path).expanduser() if config.model_path else REPO / config.checkpoint
     cfg, params = evaluation.load_model(path, "float32")
+    params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
     tokenizer = evaluation.load_eval_tokenizer("auto", path, cfg)
     t_start = time.perf_counter()
     c = config.calibration

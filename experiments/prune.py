@@ -147,7 +147,7 @@ def evaluate_run(label: str, cfg: ModelConfig, params: Params, tokenizer, settin
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
+    mesh = launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     try:
@@ -158,6 +158,7 @@ def main(argv: list[str]) -> None:
         tokenizer = evaluation.load_eval_tokenizer(config.tokenizer, path, cfg)
     except (FileNotFoundError, ValueError) as err:  # train.TrainError is a ValueError
         raise app.UsageError(str(err)) from None
+    params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
     print(f"Model: {path} ({cfg.model_type}, {evaluation.model_size(cfg, params)['total']:,} params)")
     runs = [("baseline", evaluate_run("baseline", cfg, params, tokenizer, settings, workdir))]
     if not methods:
@@ -174,6 +175,7 @@ def main(argv: list[str]) -> None:
         plan.save(workdir / "plans" / f"{label}.json")
         print(f"\n{plan.summary()}")
         pruned_cfg, pruned_params = pruning.apply(cfg, params, plan)
+        pruned_params = launch.place(pruned_cfg, pruned_params, mesh)
         if config.export:
             out = workdir / "pruned" / label
             extra = [f for f in (path / "tokenizer.json", path / "tokenizer_config.json") if f.is_file()]

@@ -26,10 +26,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
+    mesh = launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     logging.getLogger().setLevel(logging.INFO)
     try:
-        summary = train.train(FLAGS.config, FLAGS.workdir)
+        summary = train.train(FLAGS.config, FLAGS.workdir, mesh=mesh)
     except train.TrainError as err:
         raise app.UsageError(str(err)) from None
     print(json.dumps({k: summary[k] for k in ("steps", "train_seconds", "tokens_per_s", "final", "accuracy")},

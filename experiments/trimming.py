@@ -85,13 +85,14 @@ def add_pruned_rows(config, cfg, params, tok, calib, workdir: Path, models: dict
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
+    mesh = launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     path = Path(config.model_path).expanduser() if config.model_path else REPO / config.checkpoint
     cfg, params = evaluation.load_model(path, "float32")
+    params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
     tok = evaluation.load_eval_tokenizer("auto", path, cfg)
     calib = scoring.calibration_batches_from_config(config.calibration, tok)
     examples = [ex for d in skills.DOMAINS for ex in skills.eval_set(d, config.n_per_domain, config.seed)]

@@ -6,11 +6,14 @@
 `initialize()` (one call at the top of each launcher's main) checks the flags before any device
 work, calls `jax.distributed.initialize` when more than one process is asked for, and, with
 --mesh, builds the mesh (`moe_jax.sharding.make_mesh`) and makes it the default (`jax.set_mesh`),
-so impl="expert_parallel" and the `moe_jax.sharding` entry points find it. Without flags nothing
-changes: one process, no mesh.
+so impl="expert_parallel" and the `moe_jax.sharding` entry points find it. `place(cfg, params, mesh)`
+(right after a launcher loads its model) puts the params on that mesh by the partition rules; plain
+`jax.jit` code then runs sharded (GSPMD). Without flags nothing changes: one process, no mesh.
 """
 
 from __future__ import annotations
+
+import logging
 
 from absl import app, flags
 
@@ -21,6 +24,7 @@ flags.DEFINE_string("mesh", "", "Device mesh, e.g. 'data=2,expert=4' (axes data,
                     "for the rest). Empty: no mesh.")
 
 FLAGS = flags.FLAGS
+log = logging.getLogger(__name__)
 
 
 class LaunchError(ValueError):
@@ -67,3 +71,31 @@ def initialize(mesh_spec: str | None = None):
         raise app.UsageError(f"--mesh={spec}: {err}") from None
     jax.set_mesh(mesh)
     return mesh
+
+
+def place(cfg, params, mesh):
+    """`params` on `mesh` by the default partition rules (`sharding.shard_params`); unchanged when
+    mesh is None. Logs one INFO summary: what each device holds, and what the rules could not split."""
+    if mesh is None:
+        return params
+    from moe_jax import sharding
+
+    placed = sharding.shard_params(params, mesh)
+    unsplit = sharding.place_report(params, mesh)
+    padding = sharding.expert_padding_report(cfg, mesh, itemsize=_itemsize(params))
+    log.info("params placed on mesh %s: %.1f MiB on the fullest device; %d arrays kept whole on an axis their "
+             "size does not divide%s; expert buckets not split over expert=%d: %s (+%.1f MiB per device)",
+             dict(mesh.shape), sharding.entry.per_device_bytes(placed) / 2**20, len(unsplit),
+             f" (first: {unsplit[0]})" if unsplit else "", padding["expert_axis"],
+             padding["unsharded_buckets"] or "none", padding["replicated_bytes_per_device"] / 2**20)
+    for line in unsplit:
+        log.debug("%s", line)
+    return placed
+
+
+def _itemsize(params) -> int:
+    """Bytes per element of the largest array (the experts' dtype, not a float32 norm scale's)."""
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(params)
+    return max(leaves, key=lambda a: a.size).dtype.itemsize if leaves else 4

@@ -383,8 +383,9 @@ def _init_or_resume(cfg: ModelConfig, config, manager, fingerprint: str) -> tupl
     return state, meta
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Train (or resume) the model of `config` in `workdir`; returns the run summary.
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mesh=None) -> dict[str, Any]:
+    """Train (or resume) the model of `config` in `workdir`; returns the run summary. With a `mesh`
+    the state stays sharded on it between steps (`moe_jax.sharding.sharded_train_step`).
 
     Writes workdir/{metrics.jsonl, tb/, checkpoints/<step>/, train_summary.json, model/}.
     """
@@ -409,6 +410,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     start = int(state.step)
     metrics_log = MetricsLog(workdir, start)
     step_fn, eval_fn = make_train_step(cfg, config), make_eval_step(cfg, config.impl)
+    if mesh is not None:
+        from moe_jax import sharding
+
+        state, step_fn = sharding.sharded_train_step(cfg, config, mesh, state, config.batch_size)
     watch = _Stopwatch(float(restored_meta.get("train_seconds", 0.0)))
     shapes = param_shapes(state.params)
 
