@@ -5,7 +5,9 @@ so the rest of the suite keeps one device and JAX starts once: it compares shard
 logits, greedy generation, Fisher scores and a training step with the single-device results on
 meshes data=8, data=2 x expert=4, expert=8, data=2 x expert=2 x tensor=2 and fsdp=2 x expert=2 x
 tensor=2, the expert-parallel dispatch against the single-device MoE layer and a per-token loop, a
-pruned non-uniform model, and DeepSeek-V3 (MLA, dense first layer, group-limited router).
+pruned non-uniform model, and DeepSeek-V3 (MLA, dense first layer, group-limited router); and what
+a launcher runs after `launch.place` (exact match, Fisher scores, pruning.apply) as
+plain jax.jit code on params sharded under the default mesh.
 Each check reports pass/fail to the pytest side, which asserts them one test at a time. Mesh,
 rule and flag errors need no devices and run in-process.
 """
@@ -26,7 +28,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
-CHECKS = ("forward", "params_sharded", "generate", "fisher", "train_step", "ep_layer", "pruned", "mla")
+CHECKS = ("forward", "params_sharded", "generate", "fisher", "launch_place", "train_step", "ep_layer", "pruned", "mla")
 
 
 # ================================================================================ the subprocess
@@ -127,6 +129,44 @@ def _worker() -> dict:  # noqa: C901  (one list of checks, kept together so JAX 
         finally:
             expert_parallel.INNER_IMPL = "dense"
         return {layer: _close(f"fisher {layer}", got["fisher"][layer], arr) for layer, arr in want["fisher"].items()}
+
+    @check("launch_place")
+    def _():  # the launchers' path: `launch.place` under the default mesh, then the unchanged library code
+        from moe_jax import evaluation, launch, pruning
+        from moe_jax.data.skills import DOMAINS, Example
+        from moe_jax.data.tokenizer import ByteTokenizer
+
+        class SmallVocab(ByteTokenizer):  # byte ids; prompts use bytes < 61, specials sit inside the 64-token vocab
+            vocab_size = cfg.vocab_size
+            pad_id, bos_id, eos_id = 61, 62, 63
+
+        tok = SmallVocab()
+        examples = [Example(DOMAINS[0], f"{a}+{b}", str(a + b)) for a, b in ((1, 2), (13, 4), (7, 25), (40, 9), (3, 3))]
+        widths = cfg.expert_widths[0]
+        plan = pruning.PruningPlan("test", "layer", 0.75, {0: tuple(widths)}, {0: (2, 5)},  # 2 experts: few eager ops
+                                   {0: {2: tuple(range(0, widths[2], 2)), 5: tuple(range(1, widths[5], 3))}})
+
+        def run(params):
+            return (evaluation.exact_match(cfg, params, tok, examples, batch_size=4, max_new_tokens=4),
+                    scoring.collect(cfg, params, calib, ("fisher",), micro_batch_size=8, progress=False, impl="dense"),
+                    pruning.apply(cfg, params, plan))
+
+        want_em, want_fisher, (want_cfg, want_pruned) = run(params)
+        mesh = sharding.make_mesh("data=2,expert=4")
+        assert launch.place(cfg, params, None) is params
+        with jax.set_mesh(mesh):  # what launch.initialize() leaves behind
+            placed = launch.place(cfg, params, mesh)
+            assert placed["layer_0"]["moe"]["experts"]["bucket_0"]["up"].sharding.spec[0] == "expert"
+            got_em, got_fisher, (got_cfg, got_pruned) = run(placed)
+            launch.place(got_cfg, got_pruned, mesh)  # prune.py re-places the compacted model
+        assert got_em == want_em, (got_em["predictions"], want_em["predictions"])
+        assert got_cfg == want_cfg, (got_cfg, want_cfg)
+        want_leaves = jax.tree_util.tree_leaves(want_pruned)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got_pruned), want_leaves):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), jax.tree_util.keystr(path)
+        return {"predictions": [p["prediction"] for p in got_em["predictions"]],
+                **{layer: _close(f"fisher {layer}", got_fisher["fisher"][layer], arr)
+                   for layer, arr in want_fisher["fisher"].items()}}
 
     @check("train_step")
     def _():
