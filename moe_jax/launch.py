@@ -62,6 +62,8 @@ def initialize(mesh_spec: str | None = None):
     except (LaunchError, sharding.MeshError) as err:
         raise app.UsageError(str(err)) from None
     if multi:
+        # CPU processes need a collectives backend to talk to each other (GPU/TPU bring their own).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if sizes is None:
         return None

@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from safetensors.numpy import save_file
 
+from moe_jax import multihost
 from moe_jax.config import ModelConfig
 from moe_jax.hf.keymap import (  # noqa: F401
     _LIST_LIMIT,
@@ -176,11 +178,12 @@ def save_pretrained(
     transformers and non-uniform ones round-trip through `load_pretrained`. `dtype` None keeps
     each tensor's dtype. `extra_files` (tokenizer files, ...) are copied in. Everything is
     checked first and written to a temporary directory renamed at the end: on failure nothing
-    is left. An existing non-empty `out_dir` is an error unless `overwrite`.
+    is left. An existing non-empty `out_dir` is an error unless `overwrite`. Under
+    `jax.distributed` every process calls it (cross-host shards are gathered) and process 0 writes.
     """
     out = Path(out_dir)
     hf_cfg = cfg.to_hf_config()  # ConfigError for configs no config.json can express
-    leaves = _check_params(cfg, params)
+    leaves = {path: multihost.gathered(leaf) for path, leaf in _check_params(cfg, params).items()}
     target = _as_dtype(dtype) if dtype is not None else None
     if max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -193,6 +196,8 @@ def save_pretrained(
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out}: already exists and is not an empty directory (pass overwrite=True)")
     outs = _outputs(cfg, leaves, target)
+    if jax.process_index() != 0:  # multi-host: every process gathered above, process 0 writes
+        return out
     written = target if target is not None else _dtype_of(leaves[("embed", "embedding")])
     hf_cfg["dtype"] = hf_cfg["torch_dtype"] = written.name
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from moe_jax import multihost
 from moe_jax.config import ModelConfig
 from moe_jax.model import transformer
 from moe_jax.reporting import atomic_write
@@ -174,7 +175,7 @@ class _State:
         self.sample_tokens = 0
 
     def add(self, sums, counts, per_seq=None) -> None:
-        sums, counts, per_seq = jax.device_get((sums, counts, per_seq or {}))
+        sums, counts, per_seq = multihost.device_get((sums, counts, per_seq or {}))
         for stat, per_layer in sums.items():
             acc = self.sums.setdefault(stat, {})
             for layer, arr in per_layer.items():
