@@ -1,20 +1,32 @@
 """moe_jax.sharding against the single-device model.
 
 Multi-device checks run in ONE subprocess with 8 forced host devices (this file run as a script),
-so the rest of the suite keeps one device and JAX starts once: it compares sharded forward
-logits, greedy generation, Fisher scores and a training step with the single-device results on
-meshes data=8, data=2 x expert=4, expert=8, data=2 x expert=2 x tensor=2 and fsdp=2 x expert=2 x
-tensor=2, the expert-parallel dispatch against the single-device MoE layer and a per-token loop, a
-pruned non-uniform model, and DeepSeek-V3 (MLA, dense first layer, group-limited router); and what
-a launcher runs after `launch.place` (exact match, Fisher scores, pruning.apply) as
-plain jax.jit code on params sharded under the default mesh.
-Each check reports pass/fail to the pytest side, which asserts them one test at a time. Mesh,
-rule and flag errors need no devices and run in-process.
+so the rest of the suite keeps one device and JAX starts once. Each check is compared with the
+single-device result (float32, 1e-5 relative to the largest value; greedy tokens exactly):
+
+  the matrix, one test per cell: sharded forward logits, greedy generation with the KV cache,
+    Fisher scores (`sharded_collect`) and one training step (`sharded_train_step`: params, loss)
+    on each of the meshes data=8 (8x1), data=2 x expert=4 (2x4) and expert=8 (1x8), data x
+    expert; impl="expert_parallel" where the expert axis is > 1, "dense" (GSPMD) on data=8;
+  forward on fsdp=2 x expert=2 x tensor=2 and generate on data=2 x expert=2 x tensor=2 (the KV
+    cache split over batch x KV heads), with where the params land (`params_sharded`);
+  the expert-parallel dispatch alone on expert=8 against the single-device MoE layer and a
+    per-token loop (`ep_layer`), a pruned non-uniform model (`pruned`), DeepSeek-V3 (MLA, dense
+    first layer, group-limited router, `mla`); and what a launcher runs after `launch.place`
+    (exact match, Fisher scores, pruning.apply) as plain jax.jit code on params sharded under
+    the default mesh (`launch_place`).
+
+The layer-by-layer scorer against the in-memory one (`scoring.collect_layerwise` vs
+`scoring.collect`) is tests/test_layerwise.py. Each check reports pass/fail to the pytest side,
+which asserts them one test at a time. Mesh, rule and flag errors need no devices and run
+in-process.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,7 +40,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
-CHECKS = ("forward", "params_sharded", "generate", "fisher", "launch_place", "train_step", "ep_layer", "pruned", "mla")
+MESHES = {"8x1": "data=8", "2x4": "data=2,expert=4", "1x8": "expert=8"}  # data x expert: the scale-out matrix
+MATRIX = tuple(f"{op}_{label}" for op in ("forward", "generate", "fisher", "train_step") for label in MESHES)
+CHECKS = MATRIX + ("forward_tensor", "generate_tensor", "params_sharded", "launch_place", "ep_layer", "pruned", "mla")
 
 
 # ================================================================================ the subprocess
@@ -69,22 +83,112 @@ def _worker() -> dict:  # noqa: C901  (one list of checks, kept together so JAX 
     rng = np.random.default_rng(0)
     cfg = tiny_config("qwen2_moe", num_layers=1, dense_layers=(), num_experts=8)  # gated shared expert
     params = scaled_params(cfg)
-    B, T = 8, 10
+    B, T = 8, 10  # B = 8: every mesh splits the batch over all its devices
     tokens = rng.integers(1, cfg.vocab_size, (B, T)).astype(np.int32)
+    prompts = tokens[:, :5].copy()
+    prompt_mask = np.ones_like(prompts, bool)
+    prompt_mask[0, :2] = False  # left padding in one row
+    prompts[0, :2] = 0
+    calib = [{"tokens": rng.integers(1, cfg.vocab_size, (8, 9)).astype(np.int32),
+              "segment_ids": np.repeat(np.array([[1] * 5 + [2] * 4]), 8, 0).astype(np.int32)}]
+    calib[0]["segment_ids"][3, 6:] = 0  # padding
+    train_batch = {"tokens": rng.integers(1, cfg.vocab_size, (B, 9)).astype(np.int32),
+                   "loss_mask": np.ones((B, 9), np.float32), "segment_ids": np.ones((B, 9), np.int32)}
     # Compile time is the cost here: references and GSPMD paths run "dense", and so do the devices'
-    # local experts, except in "ep_layer" and "fisher", which run "blocked" (its custom VJP) inside
-    # the shard_map. The paths agree with each other (tests/test_moe.py).
+    # local experts, except in "ep_layer" and "fisher_2x4", which run "blocked" (its custom VJP)
+    # inside the shard_map. The paths agree with each other (tests/test_moe.py).
     expert_parallel.INNER_IMPL = "dense"
 
-    @check("forward")
+    # Single-device references, each computed once (on first use, so a failure fails its checks only).
+    @functools.cache
+    def want_forward():
+        return np.asarray(model.forward(cfg, params, tokens, impl="dense"))
+
+    @functools.cache
+    def want_generate():
+        return np.asarray(model.generate(cfg, params, prompts, 4, attention_mask=prompt_mask, impl="dense"))
+
+    @functools.cache
+    def want_fisher():
+        want = scoring.collect(cfg, params, calib, ("fisher",), micro_batch_size=8, progress=False, impl="dense")
+        assert float(np.nanmax(want["fisher"]["layer_0"])) > 0
+        return want
+
+    config = train.default_config()
+    config.optim.update(lr=1e-2, warmup_steps=0, eps=1e-3)  # eps >> |noise|: the update is smooth in g
+    state = train.init_state(cfg, config)
+    state = state.replace(params=params, opt_state=train.make_optimizer(config).init(params))
+
+    @functools.cache
+    def want_train():
+        config.impl = "dense"
+        want_state, want_metrics = train.make_train_step(cfg, config)(state, train_batch)
+        moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                    for a, b in zip(jax.tree_util.tree_leaves(want_state.params), jax.tree_util.tree_leaves(params)))
+        assert moved > 1e-3, moved  # the step really changes the params
+        return jax.tree_util.tree_map(np.asarray, want_state.params), float(want_metrics["loss"])
+
+    def expert_sharded(tree):
+        spec = tree["layer_0"]["moe"]["experts"]["bucket_0"]["up"].sharding.spec
+        return len(spec) > 0 and spec[0] == "expert"
+
+    # ---------------------------------------------------------------- the matrix: 4 entry points x 3 meshes
+    def matrix(label, spec):
+        mesh = sharding.make_mesh(spec)
+        n_expert = dict(zip(mesh.axis_names, mesh.axis_sizes))["expert"]
+        impl = "expert_parallel" if n_expert > 1 else "dense"
+        placed = functools.cache(lambda: sharding.shard_params(params, mesh))  # shared by forward and generate
+
+        @check(f"forward_{label}")
+        def _():
+            assert expert_sharded(placed()) == (n_expert > 1)
+            got = sharding.sharded_forward(cfg, mesh, placed(), B, impl=impl)(placed(), tokens)
+            return _close(f"forward {spec}", got, want_forward())
+
+        @check(f"generate_{label}")
+        def _():  # greedy decode with the KV cache split over the batch
+            axes = sharding.cache_axes(cfg, mesh, B)
+            split = (axes[0],) if isinstance(axes[0], str) else axes[0]
+            assert axes[1] is None and math.prod(mesh.shape[a] for a in split) == 8, axes  # 8 rows, 8 devices
+            got = sharding.sharded_generate(cfg, mesh, placed(), B, 4, impl=impl)(placed(), prompts, prompt_mask)
+            want = want_generate()
+            assert np.array_equal(np.asarray(got), want), (np.asarray(got), want)
+            return {"tokens": want[:2].tolist(), "cache_axes": str(axes)}
+
+        @check(f"fisher_{label}")
+        def _():
+            want = want_fisher()
+            expert_parallel.INNER_IMPL = "auto" if label == "2x4" else "dense"  # "blocked"'s custom VJP once
+            try:
+                got = sharding.sharded_collect(cfg, params, calib, ("fisher",), mesh, micro_batch_size=8,
+                                               impl=impl, progress=False)
+            finally:
+                expert_parallel.INNER_IMPL = "dense"
+            return {layer: _close(f"fisher {layer}", got["fisher"][layer], arr)
+                    for layer, arr in want["fisher"].items()}
+
+        @check(f"train_step_{label}")
+        def _():
+            want_params, want_loss = want_train()
+            config.impl = impl
+            placed_state, step = sharding.sharded_train_step(cfg, config, mesh, state, B)
+            got_state, got_metrics = step(placed_state, train_batch)
+            assert expert_sharded(got_state.params) == (n_expert > 1)
+            for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got_state.params),
+                                    jax.tree_util.tree_leaves(want_params)):
+                _close(jax.tree_util.keystr(path), a, b)
+            return _close("loss", got_metrics["loss"], want_loss)
+
+    for label, spec in MESHES.items():
+        matrix(label, spec)
+
+    # ---------------------------------------------------------------- fsdp and tensor axes
+    @check("forward_tensor")
     def _():
-        want = model.forward(cfg, params, tokens, impl="dense")
-        errs = {}
-        for spec, impl in (("data=8", "dense"), ("fsdp=2,expert=2,tensor=2", "expert_parallel")):
-            mesh = sharding.make_mesh(spec)
-            placed = sharding.shard_params(params, mesh)
-            errs[spec] = _close(spec, sharding.sharded_forward(cfg, mesh, placed, B, impl=impl)(placed, tokens), want)
-        return errs
+        mesh = sharding.make_mesh("fsdp=2,expert=2,tensor=2")
+        placed = sharding.shard_params(params, mesh)
+        got = sharding.sharded_forward(cfg, mesh, placed, B, impl="expert_parallel")(placed, tokens)
+        return _close("fsdp=2,expert=2,tensor=2", got, want_forward())
 
     @check("params_sharded")
     def _():
@@ -98,37 +202,16 @@ def _worker() -> dict:  # noqa: C901  (one list of checks, kept together so JAX 
         assert mine < whole / 3, (mine, whole)
         return {"bytes_per_device": mine, "replicated": whole}
 
-    @check("generate")
+    @check("generate_tensor")
     def _():  # expert-parallel decode with the KV cache split over batch x KV heads
-        prompts = tokens[:, :5].copy()
-        mask = np.ones_like(prompts, bool)
-        mask[0, :2] = False  # left padding in one row
-        prompts[0, :2] = 0
-        want = model.generate(cfg, params, prompts, 4, attention_mask=mask, impl="dense")
         mesh = sharding.make_mesh("data=2,expert=2,tensor=2")
         axes = sharding.cache_axes(cfg, mesh, B)
         assert axes == (("data", "expert"), "tensor"), axes  # 2 KV heads over tensor=2
         placed = sharding.shard_params(params, mesh)
-        got = sharding.sharded_generate(cfg, mesh, placed, B, 4, impl="expert_parallel")(placed, prompts, mask)
+        got = sharding.sharded_generate(cfg, mesh, placed, B, 4, impl="expert_parallel")(placed, prompts, prompt_mask)
+        want = want_generate()
         assert np.array_equal(np.asarray(got), want), (got, want)
         return {"tokens": want[:2].tolist(), "cache_axes": str(axes)}
-
-    calib = [{"tokens": rng.integers(1, cfg.vocab_size, (8, 9)).astype(np.int32),
-              "segment_ids": np.repeat(np.array([[1] * 5 + [2] * 4]), 8, 0).astype(np.int32)}]
-    calib[0]["segment_ids"][3, 6:] = 0  # padding
-
-    @check("fisher")
-    def _():
-        want = scoring.collect(cfg, params, calib, ("fisher",), micro_batch_size=8, progress=False, impl="dense")
-        assert float(np.nanmax(want["fisher"]["layer_0"])) > 0
-        mesh = sharding.make_mesh("data=2,expert=4")
-        expert_parallel.INNER_IMPL = "auto"
-        try:
-            got = sharding.sharded_collect(cfg, params, calib, ("fisher",), mesh, micro_batch_size=8,
-                                           impl="expert_parallel", progress=False)
-        finally:
-            expert_parallel.INNER_IMPL = "dense"
-        return {layer: _close(f"fisher {layer}", got["fisher"][layer], arr) for layer, arr in want["fisher"].items()}
 
     @check("launch_place")
     def _():  # the launchers' path: `launch.place` under the default mesh, then the unchanged library code
@@ -168,29 +251,6 @@ def _worker() -> dict:  # noqa: C901  (one list of checks, kept together so JAX 
                 **{layer: _close(f"fisher {layer}", got_fisher["fisher"][layer], arr)
                    for layer, arr in want_fisher["fisher"].items()}}
 
-    @check("train_step")
-    def _():
-        config = train.default_config()
-        config.impl = "dense"
-        config.optim.update(lr=1e-2, warmup_steps=0, eps=1e-3)  # eps >> |noise|: the update is smooth in g
-        batch = {"tokens": rng.integers(1, cfg.vocab_size, (B, 9)).astype(np.int32),
-                 "loss_mask": np.ones((B, 9), np.float32), "segment_ids": np.ones((B, 9), np.int32)}
-        state = train.init_state(cfg, config)
-        state = state.replace(params=params, opt_state=train.make_optimizer(config).init(params))
-        want_state, want_metrics = train.make_train_step(cfg, config)(state, batch)
-        moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                    for a, b in zip(jax.tree_util.tree_leaves(want_state.params), jax.tree_util.tree_leaves(params)))
-        assert moved > 1e-3, moved  # the step really changes the params
-        config.impl = "expert_parallel"
-        mesh = sharding.make_mesh("data=2,expert=4")
-        placed, step = sharding.sharded_train_step(cfg, config, mesh, state, B)
-        got_state, got_metrics = step(placed, batch)
-        assert got_state.params["layer_0"]["moe"]["experts"]["bucket_0"]["up"].sharding.spec[0] == "expert"
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got_state.params),
-                                jax.tree_util.tree_leaves(want_state.params)):
-            _close(jax.tree_util.keystr(path), a, b)
-        return _close("loss", got_metrics["loss"], want_metrics["loss"])
-
     @check("ep_layer")
     def _():  # the dispatch alone, against the dense single-device layer and a per-token loop
         from moe_jax.model.layout import expert_weight
@@ -213,7 +273,7 @@ def _worker() -> dict:  # noqa: C901  (one list of checks, kept together so JAX 
         expert_parallel.INNER_IMPL = "auto"
         errs = {}
         try:
-            for spec in ("expert=8",):  # data=2 x expert=4 runs the dispatch in "fisher", "train_step", "pruned"
+            for spec in ("expert=8",):  # the matrix runs the dispatch on expert=8 and data=2 x expert=4 too
                 with jax.set_mesh(sharding.make_mesh(spec)):
                     got, stats = jax.jit(lambda e, x, r, m: moe.experts_forward(
                         cfg, 0, e, x, r, dims_mask=m, impl="expert_parallel", collect_stats=True))(
@@ -325,7 +385,12 @@ def test_rules_place_every_parameter_of_every_family(family):
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding") / "results.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    # Compiling is most of the worker's time. LLVM at -O0 without its expensive passes (what
+    # jax_disable_most_optimizations sets) halves it; that is CPU codegen only, so the SPMD partitioning
+    # under test is unchanged, and both sides of every comparison run in this process under these flags.
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 " \
+            "--xla_llvm_disable_expensive_passes=true"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, str(out)], cwd=REPO, env=env, capture_output=True, text=True,
