@@ -13,10 +13,11 @@ own progress files resume a stage killed half-way.
     python experiments/reproduce.py --config=configs/reproduce.py --workdir=/tmp/reproduce
     python experiments/reproduce.py --config=configs/reproduce.py --workdir=/tmp/repro_ci --config.quick=True
 
-How long (2-core dev CPU): the stages' own configs say; together about 55 minutes (prune 3.5,
-fisher_moe 8, pathfinder 4.5, trimming 9.5, trim_latency 3, audit 21, bench 3), plus 18 if it
-trains. `quick` runs every stage at smoke size (3 prompts per domain, two or three methods,
-tiny latency models; every table still filled) in about 4 minutes.
+How long (2-core dev CPU, nothing else running, measured 2026-11-23): 54 minutes (prune 3.8,
+fisher_moe 9.2, pathfinder 4.0, trimming 10.8, trim_latency 6.0, audit 18.1, bench 2.4; output
+committed in results/reproduce/), plus about 19 if it trains. `quick` runs every stage at smoke
+size (3 prompts per domain, two or three methods, tiny latency models; every table still filled)
+in about 4 minutes.
 """
 
 from __future__ import annotations
