@@ -69,13 +69,6 @@ def _on_mesh(mesh: Mesh, jitted: Callable) -> Callable:
     return call
 
 
-def _put(tree, sharding):
-    """Host inputs (or arrays laid out otherwise) as global arrays in `sharding`. jit would place a
-    numpy argument itself on one process, but across processes (`jax.distributed`) it refuses them;
-    every process passes the same values, and `device_put` keeps the shards each one owns."""
-    return jax.tree.map(lambda x: jax.device_put(x if isinstance(x, jax.Array) else np.asarray(x), sharding), tree)
-
-
 def _check(cfg: ModelConfig, mesh: Mesh, impl: str) -> None:
     check_mesh_fits(cfg, mesh)
     if impl == "expert_parallel" and "expert" not in mesh.axis_names:
@@ -101,9 +94,10 @@ def sharded_forward(cfg: ModelConfig, mesh: Mesh, params, batch_size: int, *, im
 
     jitted = jax.jit(fwd, in_shardings=(params_sh, tokens_sh, tokens_sh), out_shardings=logits_sh)
     def call(params, tokens, attention_mask=None):
-        tokens = np.asarray(tokens, np.int32) if not isinstance(tokens, jax.Array) else tokens
-        mask = np.ones(tokens.shape, bool) if attention_mask is None else attention_mask
-        return jitted(params, _put(tokens, tokens_sh), _put(mask, tokens_sh))
+        # Inputs go in as global arrays: jit places host arrays itself on one process but refuses
+        # them across processes (`jax.distributed`), where every process passes the same values.
+        mask = np.ones(np.shape(tokens), bool) if attention_mask is None else attention_mask
+        return jitted(params, *jax.device_put((tokens, mask), tokens_sh))
 
     return _on_mesh(mesh, call)
 
@@ -129,8 +123,8 @@ def sharded_generate(cfg: ModelConfig, mesh: Mesh, params, batch_size: int, max_
         prompts = np.asarray(prompts, np.int32)
         mask = np.ones(prompts.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
         rng = jax.random.PRNGKey(0) if rng is None else rng
-        return jitted(params, _put(prompts, batch_sh), _put(mask, batch_sh), _put(rng, rep),
-                      _put(jnp.int32(eos_id), rep), _put(jnp.int32(pad_id), rep))
+        return jitted(params, *jax.device_put((prompts, mask), batch_sh),
+                      *jax.device_put((rng, jnp.int32(eos_id), jnp.int32(pad_id)), rep))
 
     return _on_mesh(mesh, call)
 
@@ -175,7 +169,8 @@ def sharded_train_step(cfg: ModelConfig, config, mesh: Mesh, state: TrainState, 
     batch_sh = batch_sharding(mesh, batch_size)
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
                      donate_argnums=())
-    return jax.device_put(state, state_sh), _on_mesh(mesh, lambda state, batch: jitted(state, _put(batch, batch_sh)))
+    run = _on_mesh(mesh, lambda state, batch: jitted(state, jax.device_put(batch, batch_sh)))
+    return jax.device_put(state, state_sh), run
 
 
 def per_device_bytes(tree) -> int:
