@@ -87,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.final_eval_examples_per_domain = 50  # greedy exact match at the end; 0 skips it
     c.accuracy_every = 0  # also measure exact match every this many steps (0: only at the end)
-    c.max_new_tokens = 20
+    c.max_new_tokens = 32
     c.export_dir = ""  # also write the final HF model here (e.g. checkpoints/skills_tiny)
     c.progress_bar = True
     return c
@@ -320,7 +320,7 @@ def evaluate_loss(eval_step, params, data: SkillsData, batch_size: int) -> dict[
 
 
 def skills_accuracy(cfg: ModelConfig, params, examples: Mapping[str, Sequence[skills.Example]],
-                    tokenizer: Tokenizer, max_new_tokens: int = 20) -> dict[str, float]:
+                    tokenizer: Tokenizer, max_new_tokens: int = 32) -> dict[str, float]:
     """Greedy exact match per domain (``accuracy/<domain>``) and safety's refusal rates, scored
     by `moe_jax.evaluation.exact_match` so training reports what evaluation reports.
 

@@ -54,7 +54,7 @@ def test_train_and_eval_prompts_are_disjoint(domain, splits):
 def test_prompts_and_answers_are_short_and_well_formed(domain, splits):
     for ex in splits[domain][0] + splits[domain][1]:
         assert ex.prompt.endswith(skills.SEP) and ex.prompt.count(skills.SEP) == 1
-        assert 0 < len(ex.answer) <= 16 and skills.SEP not in ex.answer
+        assert 0 < len(ex.answer) <= 24 and skills.SEP not in ex.answer
         assert len(ex.prompt) <= 52
         assert ex.text == ex.prompt + ex.answer
         assert ex.text.isascii()
@@ -104,12 +104,17 @@ def test_code_answers(splits):
                     text = text.replace(o + c, "")
             assert text == "" and set(ex.answer) <= set(closers.values()), ex
         else:
-            kinds.add("binding")
-            out = io.StringIO()
+            kinds.add("trace")
+            out, env, values = io.StringIO(), {}, []
             with contextlib.redirect_stdout(out):
-                exec(body, {})
-            assert out.getvalue().strip() == ex.answer, ex
-    assert kinds == {"brackets", "binding"}
+                for statement in body.split(";"):  # Python runs it, recording the variable after each line
+                    exec(statement, env)
+                    values += [v for k, v in env.items() if k != "__builtins__"]
+            updates = body.split(";")[1:-1]  # "x+=5"
+            assert 2 <= len(updates) <= 3 and all(0 <= v <= 99 for v in values), ex
+            trace = [f"{a}{u[1]}{u[3:]}={b}" for a, u, b in zip(values, updates, values[1:])]
+            assert ex.answer == ",".join(trace) and out.getvalue().strip() == skills.final_answer(ex.answer), ex
+    assert kinds == {"brackets", "trace"}
 
 
 _PLURALS = {"dogs", "cats", "birds", "foxes", "horses", "girls", "mice", "children", "men", "wolves"}

@@ -3,7 +3,7 @@
 Each domain is a laptop-sized analogue of a benchmark used in the MoE-compression papers,
 so pruning can keep some skills and destroy others *measurably* without any download. The
 tasks are sized for a ~1-5M-parameter byte-level model trained for minutes on a CPU: short
-prompts (mostly <= 48 bytes), short answers (<= 16 bytes), small vocabularies of entities and
+prompts (mostly <= 48 bytes), short answers (<= 24 bytes), small vocabularies of entities and
 bounded numbers. Every prompt ends with ``SEP`` ("\\n"); training text is
 ``prompt + answer + EOS`` and evaluation decodes greedily after the prompt up to EOS and
 compares with ``answer`` exactly (`exact_match`).
@@ -19,11 +19,14 @@ Domains (format, then one example; ``⏎`` marks the trailing SEP of the prompt)
     three, so a model must memorise the fact and answer it under a phrasing it never saw *for
     that fact* (it saw that phrasing for other facts).
     ``Which city is home to Tibes?⏎`` -> ``Mirren`` (held out for Tibes; its other three are trained)
-``code`` (program tracing + stack): half are variable-binding programs, 3-5 single
-    assignments of a digit or of an earlier variable (copies at most one deep), then a print
-    of one variable (a copy 85% of the time); half ask for the closing brackets of an
-    unbalanced prefix that may contain already-closed pairs (a stack task).
-    ``a=3;x=a;b=5;print(x)⏎`` -> ``3`` and ``close: ([]{(⏎`` -> ``)})``
+``code`` (program tracing + stack): half trace one variable through 2-3 in-place updates
+    (``+=``/``-=`` of 1..9 from a start of 1..20, every value in 0..99) and answer with the
+    worked trace, the printed value last (held out by the computation, not the variable name);
+    half ask for the closing brackets of an unbalanced prefix that may contain already-closed
+    pairs (a stack task).
+    ``x=7;x+=5;x-=3;print(x)⏎`` -> ``7+5=12,12-3=9`` and ``close: ([]{(⏎`` -> ``)})``
+    (Variable lookup, ``a=3;x=a;b=5;print(x)``, was the first tracing task: the 4-layer model
+    learnt a query-free rule, answering the most frequent value, and stayed at 0.86.)
 ``language`` (agreement cloze): inflect the bracketed verb to agree with the head noun of a
     subject carrying an attractor noun (prepositional phrase or object relative clause),
     with irregular plurals (mice, children, men, wolves) and verbs (is/are, has/have, goes).
@@ -210,29 +213,27 @@ def _facts_universe(split: str) -> list[Example]:
 # code
 
 _VAR_NAMES = ("a", "b", "c", "d", "n", "x", "y", "z")
-_MAX_COPY_DEPTH = 1
+_TRACE_START = (1, 20)  # inclusive range of the variable's first value
+_TRACE_STEPS = (2, 3)  # inclusive range of the number of updates
 _BRACKETS = {"(": ")", "[": "]", "{": "}", "<": ">"}
 
 
-def _sample_binding(rng: random.Random) -> tuple[str, Example]:
-    """Single-assignment program of literals and copies; print a variable (<= 1 copy deep)."""
-    names = rng.sample(_VAR_NAMES, rng.randint(3, 5))
-    values: dict[str, int] = {}
-    depth: dict[str, int] = {}
-    statements = []
-    for i, var in enumerate(names):
-        sources = [u for u in names[:i] if depth[u] < _MAX_COPY_DEPTH]
-        if sources and rng.random() < 0.6:
-            src = rng.choice(sources)
-            statements.append(f"{var}={src}")
-            values[var], depth[var] = values[src], depth[src] + 1
-        else:
-            values[var], depth[var] = rng.randint(0, 9), 0
-            statements.append(f"{var}={values[var]}")
-    copies = [v for v in names if depth[v] > 0]
-    target = rng.choice(copies) if copies and rng.random() < 0.85 else rng.choice(names)
-    program = ";".join(statements) + f";print({target})"
-    return f"binding|{program}", Example("code", program + SEP, str(values[target]))
+def _sample_trace(rng: random.Random) -> tuple[str, Example]:
+    """One variable through 2-3 in-place updates, answered with the worked trace (like arithmetic:
+    a 4-layer byte model learns a step at a time, not a 3-step sum in one token)."""
+    while True:
+        start = rng.randint(*_TRACE_START)
+        steps = [(rng.choice("+-"), rng.randint(*_ARITH_OPERAND)) for _ in range(rng.randint(*_TRACE_STEPS))]
+        values = [start]
+        for sign, k in steps:
+            values.append(values[-1] + k if sign == "+" else values[-1] - k)
+        if all(0 <= v <= _ARITH_MAX_VALUE for v in values):
+            break
+    var = rng.choice(_VAR_NAMES)
+    program = ";".join([f"{var}={start}", *(f"{var}{sign}={k}" for sign, k in steps), f"print({var})"])
+    worked = ",".join(f"{before}{sign}{k}={after}" for before, (sign, k), after in zip(values, steps, values[1:]))
+    key = f"{start}" + "".join(f"{sign}{k}" for sign, k in steps)
+    return key, Example("code", program + SEP, worked)
 
 
 def _sample_brackets(rng: random.Random) -> tuple[str, Example]:
@@ -253,7 +254,7 @@ def _sample_brackets(rng: random.Random) -> tuple[str, Example]:
 
 
 def _sample_code(rng: random.Random) -> tuple[str, Example]:
-    return _sample_binding(rng) if rng.random() < 0.5 else _sample_brackets(rng)
+    return _sample_trace(rng) if rng.random() < 0.5 else _sample_brackets(rng)
 
 
 # ---------------------------------------------------------------------------------------------
