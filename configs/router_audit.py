@@ -17,8 +17,9 @@ held-out clean prompts).
     python experiments/audit.py --config=configs/router_audit.py --workdir=/tmp/audit
 
 How long (2-core dev CPU): 21 minutes (1,247 s, 170-250 s per row, mostly route forcing and
-compilation) in the reference run, which shared the two cores with a test run; each finished
-row is cached in WORKDIR/progress.json, so a killed run resumes.
+compilation) in a run that shared the two cores with a test run; 13 minutes (770 s) alone on
+the retrained built-in model, whose refusals route forcing breaks sooner. Each finished row
+is cached in WORKDIR/progress.json, so a killed run resumes.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ routing telemetry (load, dormant experts, rotation) of the standard and the 0.65
 
     python experiments/trimming.py --config=configs/trimming.py --workdir=/tmp/trimming
 
-How long (2-core dev CPU): about 9.5 minutes (570 s; the per-layer calibrations take a minute each).
+How long (2-core dev CPU): 10-12 minutes (570-700 s; the per-layer calibrations take 1-1.5 minutes each).
 """
 
 from __future__ import annotations
