@@ -45,8 +45,10 @@ def _quick() -> dict:
         trimming=dict(n_per_domain=3, calibration=dict(n_per_domain=3, batch_size=3), targets=(0.65,),
                       pruned_rows=False, modes=("global",), sweep_taus=(0.5,), telemetry_batches=3,
                       latency=dict(repeats=1, rounds=1, new_tokens=16, prompt_len=16)),
+        # 128 new tokens: with 16, decode time (generate(16) - generate(1)) was within the noise of a
+        # loaded 2-core CI box and came out <= 0 once (no decode latency, an empty cell).
         trim_latency=dict(hidden_size=32, num_layers=1, num_heads=2, num_experts=8, width=16, vocab_size=64,
-                          batch_sizes=(2,), prompt_len=8, new_tokens=16, repeats=3, rounds=1),
+                          batch_sizes=(2,), prompt_len=8, new_tokens=128, repeats=3, rounds=1),
         # Two rows: the unpruned row is recomputed whenever the audit resumes (its GCG suffix feeds transfer).
         audit=dict(n_safety=12, n_utility=2, n_attack=2, rows=("pathfinder_safe", "trimmed"),
                    attacks=dict(max_queries=200, gcg_steps=2, gcg_candidates=4, reach_prompts=2),
