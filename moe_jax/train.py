@@ -87,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.final_eval_examples_per_domain = 50  # greedy exact match at the end; 0 skips it
     c.accuracy_every = 0  # also measure exact match every this many steps (0: only at the end)
-    c.max_new_tokens = 32
+    c.max_new_tokens = 0  # greedy decode length for exact match; 0: longest answer + 1 (as evaluation does)
     c.export_dir = ""  # also write the final HF model here (e.g. checkpoints/skills_tiny)
     c.progress_bar = True
     return c
@@ -97,11 +97,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise TrainError naming ``config.<key>`` for unknown/missing keys, wrong types, bad values."""
     _check_against(config, default_config(), "config")
     positive = ["steps", "batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                "max_new_tokens", "data.seq_len", "data.eval_examples_per_domain", "optim.lr"]
+                "data.seq_len", "data.eval_examples_per_domain", "optim.lr"]
     for key in positive:
         value = _get(config, key)
         if not value > 0:
             raise TrainError(f"config.{key}={value!r}: must be positive")
+    if config.max_new_tokens < 0:
+        raise TrainError(f"config.max_new_tokens={config.max_new_tokens!r}: must be >= 0 (0: longest answer + 1)")
     if config.impl not in model.moe.IMPLS:
         raise TrainError(f"config.impl={config.impl!r}: expected one of {model.moe.IMPLS}")
     unknown = set(config.data.examples_per_domain) - set(skills.DOMAINS)
@@ -320,7 +322,7 @@ def evaluate_loss(eval_step, params, data: SkillsData, batch_size: int) -> dict[
 
 
 def skills_accuracy(cfg: ModelConfig, params, examples: Mapping[str, Sequence[skills.Example]],
-                    tokenizer: Tokenizer, max_new_tokens: int = 32) -> dict[str, float]:
+                    tokenizer: Tokenizer, max_new_tokens: int = 0) -> dict[str, float]:
     """Greedy exact match per domain (``accuracy/<domain>``) and safety's refusal rates, scored
     by `moe_jax.evaluation.exact_match` so training reports what evaluation reports.
 
