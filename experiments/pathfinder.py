@@ -9,6 +9,8 @@
 2. method x allocation x ratio of experts removed: each plan simulated with expert masks
    (exactly the compacted model's logits) -> exact match per domain, refusal rates, answer
    perplexity, routed-expert bytes of the compacted model.
+   `config.selection_ablations` add Pathfinder (global) with the reference code's selection
+   (k-best path counts, no cross-layer scale) and each of this project's two changes alone.
 3. A heatmap of experts kept per layer, Pathfinder (global) vs uniform allocation.
 
 Results: WORKDIR/report.md, report.json, kept_experts.png; progress.json makes it resumable.
@@ -16,6 +18,7 @@ Results: WORKDIR/report.md, report.json, kept_experts.png; progress.json makes i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -160,6 +163,15 @@ def main(argv: list[str]) -> None:
             got["routed_bytes_kept"] = 1.0 - plan.dims_removed_fraction()  # routed bytes scale with the dims
             got["experts_per_layer"] = [len(plan.experts[lyr]) for lyr in cfg.moe_layers]
             results[(method, allocation, ratio)] = got
+    for counting, layer_scale in config.selection_ablations:
+        variant = dataclasses.replace(settings, counting=counting, layer_scale=layer_scale)
+        label = f"pathfinder[{counting},{layer_scale}]"
+        for ratio in config.ratios:
+            plan = pruning.select(cfg, scores, "pathfinder", "global", ratio, pathfinder=variant)
+            got = dict(run(f"{label}/global/{ratio:g}", pruning.masks(cfg, plan)))
+            got["routed_bytes_kept"] = 1.0 - plan.dims_removed_fraction()
+            got["experts_per_layer"] = [len(plan.experts[lyr]) for lyr in cfg.moe_layers]
+            results[(label, "global", ratio)] = got
     for ratio in config.ratios:
         shown = {f"{m}/{a}": p for (m, a, r), p in plans.items() if r == ratio and m in ("pathfinder", "frequency")}
         if shown:

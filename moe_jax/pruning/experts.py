@@ -1,14 +1,18 @@
 """Whole-expert pruning: Pathfinder and the expert-level baselines, as `PruningPlan`s.
 
 Methods (``ratio`` = fraction of routed experts removed):
-  pathfinder  experts on the most calibration trajectories (`pathfinder.py`)
+  pathfinder  experts on the most calibration trajectories, weighted by what breaking
+              them costs in each layer (`pathfinder.py`)
   frequency   most routed tokens                     soft_count  most router probability mass
   reap        largest mean g * ||f_e(x)|| (REAP)     recon       largest routed reconstruction error
   naee        per layer, the subset whose outputs best reconstruct the full layer's on a token
               sample (NAEE): exhaustive when C(E, r) <= 10,000, greedy backward elimination beyond
   random      seeded
 Allocations: "uniform" (each layer removes the same share) and "global" (one budget over the
-model; every layer keeps >= top_k). NAEE is per layer, so uniform only.
+model; every layer keeps >= top_k; signals compared across layers as they are: counts and
+probability mass have the same total in every layer, REAP's and recon's output norms do not,
+so these two move experts to the layers whose experts change the output most). NAEE is per
+layer, so uniform only.
 """
 
 from __future__ import annotations
@@ -50,11 +54,13 @@ def select_experts(cfg: ModelConfig, scores: Scores, method: str, allocation: st
     meta: dict[str, Any] = {"unit": "experts"}
     if method == "pathfinder":
         settings = settings or pf.PathfinderSettings()
-        priority = pf.path_frequency(cfg, scores, settings)
+        visits = pf.path_visits(cfg, scores, settings)
+        priority = pf.path_priority(cfg, scores, settings)
         tiebreak = [np.asarray(scores["seq_prob_mass"][n]).sum(0) for n in names]
         kept = pf.keep_by_priority(cfg, priority, tiebreak, ratio, allocation,
                                    _forced(cfg, pf.force_keep(cfg, scores, settings.force_keep_z), keep_experts))
-        meta["path_frequency"] = [p.tolist() for p in priority]
+        meta["path_frequency"] = [v.sum(0).tolist() for v in visits]
+        meta["path_priority"] = [p.tolist() for p in priority]
     elif method == "naee":
         if allocation != "uniform":
             raise PlanError("naee searches each layer separately: use allocation 'uniform'")

@@ -17,10 +17,27 @@ probability on the same scale, so equal weights let none dominate; the routed re
 error replaces the dense one because it costs one routed pass instead of E/top_k; transitions
 make a path a trajectory tokens really take, rather than a product of per-layer choices.
 
-`k_best_paths` finds each sequence's k best paths by dynamic programming in log space (a
-k-best Viterbi); experts are then kept by how many paths run through them, up to one global
-budget, never fewer than top_k per layer, optionally force-keeping outliers of probability
-mass. Layers end up with different expert counts.
+Selection. Each sequence's paths are counted per expert: "posterior" (default) counts the
+expected visits of a path drawn from the sequence's whole path distribution (forward-backward,
+`path_posterior`); "k_best" counts its k best paths (`k_best_paths`, a k-best Viterbi; the
+reference code). Counting only the k best is winner-take-all: on the built-in model an expert
+with the second-largest routing share in layer 0 tops 15 of 320 sequences, gets 3% of the
+visits and is removed, and with it arithmetic (1.00 -> 0.06).
+
+Each sequence's visits in layer l are then weighted by its routed reconstruction error there
+(`layer_scale="recon"`, the sum over experts of the output change when each is removed): path
+counts give every layer the same total, so without a cross-layer scale a global budget cannot
+tell a layer whose experts carry the model from one whose experts are interchangeable. On the
+built-in model removing any one expert of layer 0 costs up to 100x the answer loss of removing
+one of layers 1-2, and the weighted visits keep all of layer 0 at 50% removal (mean exact match
+0.98 on training-split prompts, against 0.44 with the reference's unweighted k-best counts).
+The scale is the absolute norm of the MoE output change, which favours later layers in models
+whose residual stream grows with depth. `layer_scale="none"` with `counting="k_best"` is the
+reference's selection.
+
+Experts are then kept by priority up to one global budget, never fewer than top_k per layer,
+optionally force-keeping outliers of probability mass. Layers end up with different expert
+counts.
 """
 
 from __future__ import annotations
@@ -46,6 +63,8 @@ class PathfinderSettings:
     tau: float = 1.0
     recon: str = "routed"  # or "dense" (needs the "recon_dense" statistic)
     path_topk: int = 10
+    counting: str = "posterior"  # or "k_best": each sequence's path_topk best paths (the reference)
+    layer_scale: str = "recon"  # or "none": visits weighted by the layer's routed reconstruction error, or not
     max_sequences: int = 0  # 0: every calibration sequence gets its own graph
     force_keep_z: float = 0.0  # > 0: keep experts whose probability mass z-score in their layer exceeds it
 
@@ -87,6 +106,36 @@ def k_best_paths(node: Sequence[np.ndarray], edge: Sequence[np.ndarray], k: int)
             e, j = divmod(prev, kk_prev)
             paths[p, lyr - 1] = e
     return paths, flat[final]
+
+
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return np.squeeze(m, axis) + np.log(np.sum(np.exp(x - m), axis=axis))
+
+
+def path_posterior(node: Sequence[np.ndarray], edge: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """P(a path visits expert e of layer l) when path ~ exp(path score): forward-backward.
+
+    node[l]: (..., E_l) log weights (leading axes, e.g. sequences, are batched); edge[l]:
+    (E_l, E_{l+1}). Returns per layer (..., E_l) marginals summing to 1 over E_l: the expected
+    visits of one path drawn from the whole path distribution, the soft limit of counting
+    the k best paths (which gives a node nothing unless it tops some sequence).
+    O(sum_l E_l * E_{l+1}) per sequence.
+    """
+    if not node:
+        raise PlanError("path_posterior: the graph has no layers")
+    fwd = [np.asarray(node[0], np.float64)]
+    for lyr in range(1, len(node)):
+        e = np.asarray(edge[lyr - 1], np.float64)
+        fwd.append(_logsumexp(fwd[-1][..., :, None] + e, axis=-2) + np.asarray(node[lyr], np.float64))
+    bwd = [np.zeros_like(fwd[-1])]
+    for lyr in range(len(node) - 1, 0, -1):
+        e = np.asarray(edge[lyr - 1], np.float64)
+        nxt = bwd[0] + np.asarray(node[lyr], np.float64)
+        bwd.insert(0, _logsumexp(e + nxt[..., None, :], axis=-1))
+    log_z = _logsumexp(fwd[-1], axis=-1)[..., None]
+    return [np.exp(f + b - log_z) for f, b in zip(fwd, bwd)]
 
 
 def _normalised(v: np.ndarray) -> np.ndarray:
@@ -134,15 +183,45 @@ def graph(cfg: ModelConfig, scores: Scores, settings: PathfinderSettings) -> tup
     return nodes, edges
 
 
-def path_frequency(cfg: ModelConfig, scores: Scores, settings: PathfinderSettings) -> list[np.ndarray]:
-    """How many of the sequences' k best paths run through each expert: (E_l,) per MoE layer."""
+def path_visits(cfg: ModelConfig, scores: Scores, settings: PathfinderSettings) -> list[np.ndarray]:
+    """Per MoE layer (S, E_l): how many of sequence s's paths visit each expert, out of path_topk.
+
+    counting "k_best": its path_topk best paths (the reference); "posterior": path_topk times
+    the expected visits of one path drawn from its whole path distribution."""
     nodes, edges = graph(cfg, scores, settings)
-    freq = [np.zeros(n.shape[1]) for n in nodes]
+    if settings.counting == "posterior":
+        return [settings.path_topk * m for m in path_posterior(nodes, edges)]
+    if settings.counting != "k_best":
+        raise PlanError(f"pathfinder: counting={settings.counting!r}; expected 'posterior' or 'k_best'")
+    visits = [np.zeros_like(n) for n in nodes]
     for s in range(nodes[0].shape[0]):
         paths, _ = k_best_paths([n[s] for n in nodes], edges, settings.path_topk)
         for lyr in range(len(nodes)):
-            np.add.at(freq[lyr], paths[:, lyr], 1.0)
-    return freq
+            np.add.at(visits[lyr][s], paths[:, lyr], 1.0)
+    return visits
+
+
+def path_frequency(cfg: ModelConfig, scores: Scores, settings: PathfinderSettings) -> list[np.ndarray]:
+    """Visits summed over the calibration sequences: (E_l,) per MoE layer."""
+    return [v.sum(0) for v in path_visits(cfg, scores, settings)]
+
+
+def path_priority(cfg: ModelConfig, scores: Scores, settings: PathfinderSettings) -> list[np.ndarray]:
+    """What the selection ranks by, (E_l,) per MoE layer, on one scale across layers.
+
+    layer_scale "recon": sum over sequences of visits times the sequence's routed reconstruction
+    error in the layer (how much a trajectory broken there costs); "none": the visits alone."""
+    visits = path_visits(cfg, scores, settings)
+    if settings.layer_scale == "none":
+        return [v.sum(0) for v in visits]
+    if settings.layer_scale != "recon":
+        raise PlanError(f"pathfinder: layer_scale={settings.layer_scale!r}; expected 'recon' or 'none'")
+    take = slice(None) if not settings.max_sequences else slice(0, settings.max_sequences)
+    out = []
+    for lyr, v in zip(cfg.moe_layers, visits):
+        cost_S = np.asarray(scores["seq_recon_routed"][cfg.layer_name(lyr)], np.float64)[take].sum(-1)
+        out.append(cost_S @ v)
+    return out
 
 
 def keep_by_priority(cfg: ModelConfig, priority: Sequence[np.ndarray], tiebreak: Sequence[np.ndarray], ratio: float,
@@ -150,7 +229,9 @@ def keep_by_priority(cfg: ModelConfig, priority: Sequence[np.ndarray], tiebreak:
     """Experts to keep per MoE layer: the highest `priority` (ties: `tiebreak`) up to the budget.
 
     allocation "uniform": each layer removes round(ratio * E_l); "global": one budget of
-    total - round(ratio * total), every layer keeping at least top_k (and its forced experts).
+    total - round(ratio * total), every layer keeping at least top_k (and its forced experts),
+    the rest going to the largest priorities of the whole model compared as they are: a signal
+    must be on one scale across layers (token counts, probability mass and output norms are).
     """
     layers = list(cfg.moe_layers)
     K = cfg.num_experts_per_tok
@@ -177,12 +258,8 @@ def keep_by_priority(cfg: ModelConfig, priority: Sequence[np.ndarray], tiebreak:
     if used > budget:
         raise PlanError(f"ratio={ratio}: keeping {budget} of {total} experts cannot give each of the {len(layers)} "
                         f"MoE layers its top_k={K} experts (and the forced ones: {used} needed)")
-    pool = []
-    for i, lyr in enumerate(layers):
-        scale = float(np.sum(priority[i])) or 1.0  # layers compare by their share of the signal
-        for e in rank[i]:
-            if int(e) not in kept[lyr]:
-                pool.append((priority[i][e] / scale, tiebreak[i][e], lyr, int(e)))
+    pool = [(float(priority[i][e]), float(tiebreak[i][e]), lyr, int(e))
+            for i, lyr in enumerate(layers) for e in rank[i] if int(e) not in kept[lyr]]
     pool.sort(key=lambda x: (-x[0], -x[1]))
     for _, _, lyr, e in pool[:budget - used]:
         kept[lyr].append(e)
