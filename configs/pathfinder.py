@@ -4,13 +4,17 @@ What it runs (experiments/pathfinder.py): one calibration pass over 64 skills tr
 examples per domain collecting routing and trajectory statistics (timed, and timed again with
 the reference code's dense reconstruction error); Pathfinder (global and uniform allocation),
 frequency, soft_count, REAP, routed reconstruction error, NAEE and random, each removing 25%
-and 50% of the routed experts, simulated with expert masks and scored on 100 held-out prompts
-per domain; the cost of routed vs dense reconstruction error on a Qwen1.5-MoE-shaped layer.
+and 50% of the routed experts, plus Pathfinder / global with the reference code's selection
+and with each of this project's two changes alone, simulated with expert masks and scored on
+100 held-out prompts per domain; the single-expert removal oracle (answer loss on the
+calibration examples); the cost of routed vs dense reconstruction error on a
+Qwen1.5-MoE-shaped layer.
 
     python experiments/pathfinder.py --config=configs/pathfinder.py --workdir=/tmp/pathfinder
 
-How long (2-core dev CPU): about 4.5 minutes (265 s: calibration three times, 18 s; the
-Qwen1.5-shaped layer, about a minute; 25 masked evaluations of 500 prompts).
+How long (2-core dev CPU): about 4 minutes (221 s in the reproduction: calibration three
+times, 9 s; the oracle, 32 s; the Qwen1.5-shaped layer, about a minute; 31 masked
+evaluations of 500 prompts).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
         max_sequences=0, force_keep_z=0.0, counting="posterior", layer_scale="recon"))
     # (counting, layer_scale) of extra Pathfinder / global rows: the reference code's selection
     # and each of this project's two changes to it alone.
+    config.removal_oracle = True  # every expert removed alone: its answer-loss cost (E forward passes per layer)
     config.selection_ablations = (("k_best", "none"), ("k_best", "recon"), ("posterior", "none"))
     # The Qwen1.5-MoE-A2.7B MoE layer shape, random weights, for the reconstruction-cost ratio.
     config.qwen_layer = ml_collections.ConfigDict(dict(hidden_size=2048, num_experts=60, top_k=4, width=1408,

@@ -12,6 +12,8 @@
    `config.selection_ablations` add Pathfinder (global) with the reference code's selection
    (k-best path counts, no cross-layer scale) and each of this project's two changes alone.
 3. A heatmap of experts kept per layer, Pathfinder (global) vs uniform allocation.
+4. The oracle the signals approximate: for every expert alone, how much removing it raises the
+   answer loss (summed cross-entropy of the answer tokens) of the calibration examples.
 
 Results: WORKDIR/report.md, report.json, kept_experts.png; progress.json makes it resumable.
 """
@@ -92,6 +94,35 @@ def qwen15_layer(config):
     return cfg, params, x
 
 
+def removal_cost(cfg: ModelConfig, params, batches) -> dict[str, list[float]]:
+    """{layer name: (E,)} rise of the summed answer loss of `batches` when that expert alone is
+    masked out (routing renormalised over the others): E_l forward passes per MoE layer."""
+    import optax
+
+    from moe_jax.scoring import calibration_rows
+
+    rows = [calibration_rows(b) for b in batches]
+
+    @jax.jit
+    def loss(masks, r):
+        logits = transformer.forward(cfg, params, r["inputs"], masks, segment_ids=r["segment_ids"])
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, r["targets"]) * r["weights"])
+
+    def total(drop=None):
+        masks = {}
+        for lyr in cfg.moe_layers:
+            E, F = cfg.experts_per_layer[lyr], cfg.max_width(lyr)
+            keep = np.ones(E, np.float32)
+            if drop is not None and drop[0] == lyr:
+                keep[drop[1]] = 0.0
+            masks[cfg.layer_name(lyr)] = {"dims": jnp.ones((E, F), jnp.float32), "experts": jnp.asarray(keep)}
+        return sum(float(loss(masks, {k: jnp.asarray(v) for k, v in r.items()})) for r in rows)
+
+    base = total()
+    return {cfg.layer_name(lyr): [total((lyr, e)) - base for e in range(cfg.experts_per_layer[lyr])]
+            for lyr in cfg.moe_layers}
+
+
 def plot_kept(path: Path, cfg: ModelConfig, plans: dict[str, pruning.PruningPlan]) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -142,6 +173,11 @@ def main(argv: list[str]) -> None:
           f"Qwen1.5-shaped layer {cost_qwen['dense_over_routed']:.1f}x "
           f"(E/top_k = {cost_qwen['experts_over_top_k']:.0f})")
 
+    answer_batches = scoring.calibration_batches_from_config(c, tokenizer, answer_only=True)
+    t0 = time.perf_counter()
+    oracle = removal_cost(cfg, params, answer_batches) if config.removal_oracle else {}
+    oracle_s = time.perf_counter() - t0
+
     examples = [ex for d in skills.DOMAINS for ex in skills.eval_set(d, config.n_per_domain, config.seed)]
     study = evaluation.MaskedStudy(cfg, params, tokenizer, examples, config.batch_size, workdir / "progress.json",
                                    {"config": config.to_dict(), "model": str(path)})
@@ -178,6 +214,7 @@ def main(argv: list[str]) -> None:
             plot_kept(workdir / f"kept_experts_{int(ratio * 100)}.png", cfg, shown)
     report = {"model": str(path), "device": jax.devices()[0].device_kind, "calibration_seconds": timings,
               "recon_cost": {"this_model_layer": cost_here, "qwen1.5_layer": cost_qwen}, "baseline": baseline,
+              "removal_cost": oracle, "removal_cost_seconds": oracle_s,
               "results": {f"{m}/{a}/{r:g}": v for (m, a, r), v in results.items()},
               "seconds": time.perf_counter() - t_start}
     reporting.atomic_write(workdir / "report.json", json.dumps(reporting._jsonable(report), indent=1))
@@ -202,6 +239,14 @@ def render(config, report, baseline, results) -> str:
                      " | ".join(fmt(v[d]["em"], 2) for d in domains) +
                      f" | {fmt(v['mean_em'])} | {fmt(v.get('refusal'), 2)} | {fmt(v.get('over_refusal'), 2)} | "
                      f"{v['routed_bytes_kept']:.2f} |")
+    if report["removal_cost"]:
+        E = max(len(v) for v in report["removal_cost"].values())
+        lines += ["", "## Single-expert removal (the oracle)", "",
+                  f"Rise of the summed answer loss (nats) of the {config.calibration.n_per_domain}/domain calibration "
+                  f"examples when one expert is removed ({report['removal_cost_seconds']:.0f} s).", "",
+                  "| layer | " + " | ".join(f"e{e}" for e in range(E)) + " |", "|---|" + "---:|" * E]
+        lines += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in costs) + " |"
+                  for name, costs in report["removal_cost"].items()]
     t = report["calibration_seconds"]
     lines += ["", "## Calibration cost", "", "| statistics | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]

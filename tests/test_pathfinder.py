@@ -1,4 +1,4 @@
-"""Expert pruning: the k-best-path DP against enumeration, trajectory statistics against direct
+"""Expert pruning: the k-best-path DP and the path posterior against enumeration, trajectory statistics against direct
 loops, NAEE against a brute-force numpy search, removal against masking, export against transformers."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from moe_jax import hf, pruning, scoring
 from moe_jax.model import forward
 from moe_jax.model.layout import expert_weight
 from moe_jax.pruning import PathfinderSettings, PlanError, k_best_paths
+from moe_jax.pruning import pathfinder as pf
 from moe_jax.pruning.experts import naee_layer
 from tests.conftest import random_hf_qwen2_moe, scaled_params, tiny_config, transformers_logits
 
@@ -41,6 +42,28 @@ def test_k_best_paths_equal_enumeration(shape, k):
     assert len(paths) == min(k, len(every))
     np.testing.assert_allclose(scores, [s for s, _ in every[:len(paths)]], rtol=1e-12)
     assert [tuple(p) for p in paths] == [p for _, p in every[:len(paths)]]
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 2, 5), (5,), (2, 3)])
+def test_path_posterior_equals_enumeration(shape):
+    """Expected visits of a path drawn with probability proportional to exp(score), two graphs batched."""
+    rng = np.random.default_rng(len(shape))
+    node = [rng.normal(scale=3.0, size=(2, e)) for e in shape]
+    edge = [rng.normal(scale=3.0, size=(a, b)) for a, b in zip(shape[:-1], shape[1:])]
+    got = pf.path_posterior(node, edge)
+    for s in range(2):
+        want = [np.zeros(e) for e in shape]
+        scores, paths = [], list(itertools.product(*[range(e) for e in shape]))
+        for path in paths:
+            scores.append(sum(node[i][s, e] for i, e in enumerate(path))
+                          + sum(edge[i][path[i], path[i + 1]] for i in range(len(path) - 1)))
+        p = np.exp(np.array(scores) - max(scores))
+        p /= p.sum()
+        for w, path in zip(p, paths):
+            for i, e in enumerate(path):
+                want[i][e] += w
+        for i in range(len(shape)):
+            np.testing.assert_allclose(got[i][s], want[i], rtol=1e-9, atol=1e-12)
 
 
 def test_k_best_paths_at_deepseek_v3_scale_runs():
@@ -168,7 +191,8 @@ def test_pathfinder_keeps_experts_on_paths_and_layers_differ():
     cfg = tiny_config("mixtral", num_layers=4, dense_layers=())
     params = scaled_params(cfg)
     scores = scoring.collect(cfg, params, _batches(cfg, 4, B=4), ["trajectory", "routing"], progress=False)
-    plan = pruning.select(cfg, scores, "pathfinder", "global", 0.5, pathfinder=PathfinderSettings(path_topk=3))
+    reference = PathfinderSettings(path_topk=3, counting="k_best", layer_scale="none")
+    plan = pruning.select(cfg, scores, "pathfinder", "global", 0.5, pathfinder=reference)
     freq = plan.meta["path_frequency"]
     for i, lyr in enumerate(cfg.moe_layers):  # every expert on a path outranks every expert on none
         on = [e for e in range(8) if freq[i][e] > 0]
@@ -236,3 +260,36 @@ def test_group_limited_routing_refuses_regrouping_but_masks_work():
     cfg2, params2 = pruning.apply(cfg, params, plan)
     np.testing.assert_allclose(np.asarray(forward(cfg2, params2, tokens)),
                                np.asarray(forward(cfg, params, tokens, pruning.masks(cfg, plan))), atol=1e-5)
+
+
+def test_pathfinder_priority_weights_visits_by_layer_reconstruction_error():
+    """priority = sum over sequences of (the sequence's routed reconstruction error in the layer)
+    x (its expected visits); a layer whose experts change the output 100x more keeps more of them."""
+    cfg = tiny_config("mixtral", num_layers=4, dense_layers=())
+    params = scaled_params(cfg)
+    scores = scoring.collect(cfg, params, _batches(cfg, 4, B=4), ["trajectory", "routing"], progress=False)
+    settings = PathfinderSettings()
+    visits = pf.path_visits(cfg, scores, settings)
+    for v in visits:  # posterior counting: path_topk visits per sequence and layer, spread over the experts
+        np.testing.assert_allclose(v.sum(-1), settings.path_topk)
+    priority = pf.path_priority(cfg, scores, settings)
+    for i, lyr in enumerate(cfg.moe_layers):
+        cost = np.asarray(scores["seq_recon_routed"][cfg.layer_name(lyr)]).sum(-1)
+        want = sum(cost[s] * visits[i][s] for s in range(len(cost)))
+        np.testing.assert_allclose(priority[i], want, rtol=1e-12)
+    loud = cfg.moe_layers[1]
+    values = {k: dict(v) for k, v in scores.values.items()}
+    values["seq_recon_routed"][cfg.layer_name(loud)] = 100.0 * values["seq_recon_routed"][cfg.layer_name(loud)]
+    values["expert_reap"][cfg.layer_name(loud)] = 100.0 * values["expert_reap"][cfg.layer_name(loud)]
+    louder = scoring.Scores(values, scores.widths, scores.num_sequences, scores.num_tokens)
+    for method in ("pathfinder", "reap"):  # global allocation compares the signals as they are
+        before = pruning.select(cfg, scores, method, "global", 0.5)
+        plan = pruning.select(cfg, louder, method, "global", 0.5)
+        kept = {lyr: len(v) for lyr, v in plan.experts.items()}
+        assert kept[loud] > len(before.experts[loud]) and kept[loud] == max(kept.values()), (method, plan.experts)
+        assert kept[loud] >= cfg.experts_per_layer[loud] - 1, (method, plan.experts)
+        assert sum(len(v) for v in plan.experts.values()) == sum(cfg.experts_per_layer[i] for i in cfg.moe_layers) // 2
+    with pytest.raises(PlanError, match="counting='top'"):
+        pruning.select(cfg, scores, "pathfinder", "global", 0.5, pathfinder=PathfinderSettings(counting="top"))
+    with pytest.raises(PlanError, match="layer_scale='norm'"):
+        pruning.select(cfg, scores, "pathfinder", "global", 0.5, pathfinder=PathfinderSettings(layer_scale="norm"))

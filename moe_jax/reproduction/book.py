@@ -178,6 +178,11 @@ def render_pathfinder(r: dict) -> list[str]:
                     [[f"{m} / {a} / {ratio:g}", *v["experts_per_layer"]] for (m, a, ratio), v in results.items()])
     for ratio in sorted({k[2] for k in results}):
         lines += ["", f"![kept experts at {ratio:.0%}](pathfinder/kept_experts_{int(ratio * 100)}.png)"]
+    if r.get("removal_cost"):
+        E = max(len(v) for v in r["removal_cost"].values())
+        lines += ["", "### Single-expert removal: rise of the calibration answer loss (nats)", ""]
+        lines += _table(["layer", *(f"e{e}" for e in range(E))],
+                        [[name, *(f"{v:.2f}" for v in costs)] for name, costs in r["removal_cost"].items()])
     lines += ["", "### Calibration and reconstruction cost", ""]
     lines += _table(["statistics", "seconds"], [[k, f"{v:.1f}"] for k, v in r["calibration_seconds"].items()])
     lines.append("")
