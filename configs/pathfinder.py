@@ -40,9 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.pathfinder = ml_collections.ConfigDict(dict(
         w_prob=1.0, w_strength=1.0, w_recon=1.0, w_transition=1.0, tau=1.0, recon="routed", path_topk=10,
         max_sequences=0, force_keep_z=0.0, counting="posterior", layer_scale="recon"))
+    config.removal_oracle = True  # every expert removed alone: its answer-loss cost (E forward passes per layer)
     # (counting, layer_scale) of extra Pathfinder / global rows: the reference code's selection
     # and each of this project's two changes to it alone.
-    config.removal_oracle = True  # every expert removed alone: its answer-loss cost (E forward passes per layer)
     config.selection_ablations = (("k_best", "none"), ("k_best", "recon"), ("posterior", "none"))
     # The Qwen1.5-MoE-A2.7B MoE layer shape, random weights, for the reconstruction-cost ratio.
     config.qwen_layer = ml_collections.ConfigDict(dict(hidden_size=2048, num_experts=60, top_k=4, width=1408,

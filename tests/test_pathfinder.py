@@ -1,5 +1,6 @@
-"""Expert pruning: the k-best-path DP and the path posterior against enumeration, trajectory statistics against direct
-loops, NAEE against a brute-force numpy search, removal against masking, export against transformers."""
+"""Expert pruning: the k-best-path DP and the path posterior against enumeration, trajectory
+statistics against direct loops, NAEE against a brute-force numpy search, removal against
+masking, export against transformers."""
 
 from __future__ import annotations
 
