@@ -186,6 +186,13 @@ def main(argv: list[str]) -> None:
     baseline = run("baseline", None)
     settings = pruning.PathfinderSettings(**config.pathfinder.to_dict())
     results, plans = {}, {}
+
+    def record(method: str, allocation: str, ratio: float, plan: pruning.PruningPlan) -> None:
+        got = dict(run(f"{method}/{allocation}/{ratio:g}", pruning.masks(cfg, plan)))
+        got["routed_bytes_kept"] = 1.0 - plan.dims_removed_fraction()  # routed bytes scale with the dims
+        got["experts_per_layer"] = [len(plan.experts[lyr]) for lyr in cfg.moe_layers]
+        results[(method, allocation, ratio)] = got
+
     for method, allocation in config.methods:
         for ratio in config.ratios:
             try:
@@ -195,19 +202,12 @@ def main(argv: list[str]) -> None:
                 print(f"{method}/{allocation}/{ratio:g}: skipped ({err})")
                 continue
             plans[(method, allocation, ratio)] = plan
-            got = dict(run(f"{method}/{allocation}/{ratio:g}", pruning.masks(cfg, plan)))
-            got["routed_bytes_kept"] = 1.0 - plan.dims_removed_fraction()  # routed bytes scale with the dims
-            got["experts_per_layer"] = [len(plan.experts[lyr]) for lyr in cfg.moe_layers]
-            results[(method, allocation, ratio)] = got
+            record(method, allocation, ratio, plan)
     for counting, layer_scale in config.selection_ablations:
         variant = dataclasses.replace(settings, counting=counting, layer_scale=layer_scale)
-        label = f"pathfinder[{counting},{layer_scale}]"
         for ratio in config.ratios:
-            plan = pruning.select(cfg, scores, "pathfinder", "global", ratio, pathfinder=variant)
-            got = dict(run(f"{label}/global/{ratio:g}", pruning.masks(cfg, plan)))
-            got["routed_bytes_kept"] = 1.0 - plan.dims_removed_fraction()
-            got["experts_per_layer"] = [len(plan.experts[lyr]) for lyr in cfg.moe_layers]
-            results[(label, "global", ratio)] = got
+            record(f"pathfinder[{counting},{layer_scale}]", "global", ratio,
+                   pruning.select(cfg, scores, "pathfinder", "global", ratio, pathfinder=variant))
     for ratio in config.ratios:
         shown = {f"{m}/{a}": p for (m, a, r), p in plans.items() if r == ratio and m in ("pathfinder", "frequency")}
         if shown:

@@ -55,7 +55,7 @@ def select_experts(cfg: ModelConfig, scores: Scores, method: str, allocation: st
     if method == "pathfinder":
         settings = settings or pf.PathfinderSettings()
         visits = pf.path_visits(cfg, scores, settings)
-        priority = pf.path_priority(cfg, scores, settings)
+        priority = pf.path_priority(cfg, scores, settings, visits)
         tiebreak = [np.asarray(scores["seq_prob_mass"][n]).sum(0) for n in names]
         kept = pf.keep_by_priority(cfg, priority, tiebreak, ratio, allocation,
                                    _forced(cfg, pf.force_keep(cfg, scores, settings.force_keep_z), keep_experts))

@@ -207,12 +207,14 @@ def path_frequency(cfg: ModelConfig, scores: Scores, settings: PathfinderSetting
     return [v.sum(0) for v in path_visits(cfg, scores, settings)]
 
 
-def path_priority(cfg: ModelConfig, scores: Scores, settings: PathfinderSettings) -> list[np.ndarray]:
+def path_priority(cfg: ModelConfig, scores: Scores, settings: PathfinderSettings,
+                  visits: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
     """What the selection ranks by, (E_l,) per MoE layer, on one scale across layers.
 
     layer_scale "recon": sum over sequences of visits times the sequence's routed reconstruction
-    error in the layer (how much a trajectory broken there costs); "none": the visits alone."""
-    visits = path_visits(cfg, scores, settings)
+    error in the layer (how much a trajectory broken there costs); "none": the visits alone.
+    visits: `path_visits` if already computed."""
+    visits = path_visits(cfg, scores, settings) if visits is None else visits
     if settings.layer_scale == "none":
         return [v.sum(0) for v in visits]
     if settings.layer_scale != "recon":
