@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.throughput_batch = 8
     config.prompt_len = 64
     config.repeats = 5
+    config.new_tokens = 32  # decode tokens/s = (new_tokens - 1) * batch / (generate(new_tokens) - generate(1))
     config.throughput_this_model = True  # False: time only the expert-heavy model (smoke tests)
     config.answer_only_ablation = True
     # A random-weight model whose routed experts dominate the FLOPs, for throughput only.

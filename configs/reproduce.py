@@ -36,7 +36,9 @@ def _quick() -> dict:
                    eval=dict(n_per_domain=3, throughput=False), calibration=dict(n_per_domain=4)),
         fisher_moe=dict(n_per_domain=3, calibration=calib3, methods=("fisher", "random"), scopes=("global",),
                         ratios=(0.5,), sensitivity_rankings=("fisher",), sensitivity_ks=(1, 4), repeats=3,
-                        throughput_batch=2, prompt_len=8, throughput_this_model=False,
+                        # 128 new tokens: as in trim_latency below, 32 on the 14k-param expert-heavy model
+                        # timed decode at <= 0 once on the loaded box (an empty throughput cell).
+                        throughput_batch=2, prompt_len=8, new_tokens=128, throughput_this_model=False,
                         heavy=dict(hidden_size=32, width=16, num_experts=4, vocab_size=64, num_heads=2,
                                    num_layers=1)),
         pathfinder=dict(n_per_domain=3, calibration=calib3, ratios=(0.25, 0.5), repeats=1,

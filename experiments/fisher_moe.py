@@ -133,7 +133,8 @@ def throughputs(cfg, params, plans, config, sizes: dict | None = None) -> dict[s
     """Tokens/s unpruned and compacted by each plan; `sizes` (a dict) also gets each compacted
     model's `model_size`, so that the memory table needs no second compaction."""
     run = lambda c, p: evaluation.throughput(c, p, batch_size=config.throughput_batch,  # noqa: E731
-                                             prompt_len=config.prompt_len, repeats=config.repeats)
+                                             prompt_len=config.prompt_len, repeats=config.repeats,
+                                             new_tokens=config.new_tokens)
     out = {"unpruned": run(cfg, params)}
     for label, plan in plans.items():
         c2, p2 = pruning.apply(cfg, params, plan)
