@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -95,31 +96,18 @@ def qwen15_layer(config):
 
 
 def removal_cost(cfg: ModelConfig, params, batches) -> dict[str, list[float]]:
-    """{layer name: (E,)} rise of the summed answer loss of `batches` when that expert alone is
-    masked out (routing renormalised over the others): E_l forward passes per MoE layer."""
-    import optax
+    """{layer name: (E,)} rise of the summed answer NLL of `batches` (`evaluation.perplexity`'s
+    answer tokens) when that expert alone is masked out (routing renormalised over the others):
+    E_l forward passes per MoE layer."""
 
-    from moe_jax.scoring import calibration_rows
+    def answer_nll(layer: int | None = None, expert: int = 0) -> float:
+        masks = None if layer is None else {
+            cfg.layer_name(layer): {"experts": jnp.ones(cfg.experts_per_layer[layer], jnp.float32).at[expert].set(0.0)}}
+        got = evaluation.perplexity(cfg, params, {"calibration": batches}, masks)["calibration"]
+        return math.log(got["answer"]) * got["answer_tokens"]
 
-    rows = [calibration_rows(b) for b in batches]
-
-    @jax.jit
-    def loss(masks, r):
-        logits = transformer.forward(cfg, params, r["inputs"], masks, segment_ids=r["segment_ids"])
-        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, r["targets"]) * r["weights"])
-
-    def total(drop=None):
-        masks = {}
-        for lyr in cfg.moe_layers:
-            E, F = cfg.experts_per_layer[lyr], cfg.max_width(lyr)
-            keep = np.ones(E, np.float32)
-            if drop is not None and drop[0] == lyr:
-                keep[drop[1]] = 0.0
-            masks[cfg.layer_name(lyr)] = {"dims": jnp.ones((E, F), jnp.float32), "experts": jnp.asarray(keep)}
-        return sum(float(loss(masks, {k: jnp.asarray(v) for k, v in r.items()})) for r in rows)
-
-    base = total()
-    return {cfg.layer_name(lyr): [total((lyr, e)) - base for e in range(cfg.experts_per_layer[lyr])]
+    base = answer_nll()
+    return {cfg.layer_name(lyr): [answer_nll(lyr, e) - base for e in range(cfg.experts_per_layer[lyr])]
             for lyr in cfg.moe_layers}
 
 

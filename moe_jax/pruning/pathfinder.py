@@ -202,11 +202,6 @@ def path_visits(cfg: ModelConfig, scores: Scores, settings: PathfinderSettings) 
     return visits
 
 
-def path_frequency(cfg: ModelConfig, scores: Scores, settings: PathfinderSettings) -> list[np.ndarray]:
-    """Visits summed over the calibration sequences: (E_l,) per MoE layer."""
-    return [v.sum(0) for v in path_visits(cfg, scores, settings)]
-
-
 def path_priority(cfg: ModelConfig, scores: Scores, settings: PathfinderSettings,
                   visits: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
     """What the selection ranks by, (E_l,) per MoE layer, on one scale across layers.
