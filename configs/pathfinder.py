@@ -5,15 +5,15 @@ examples per domain collecting routing and trajectory statistics (timed, and tim
 the reference code's dense reconstruction error); Pathfinder (global and uniform allocation),
 frequency, soft_count, REAP, routed reconstruction error, NAEE and random, each removing 25%
 and 50% of the routed experts, plus Pathfinder / global with the reference code's selection
-and with each of this project's two changes alone, simulated with expert masks and scored on
+and with this project's changes one at a time, simulated with expert masks and scored on
 100 held-out prompts per domain; the single-expert removal oracle (answer loss on the
 calibration examples); the cost of routed vs dense reconstruction error on a
 Qwen1.5-MoE-shaped layer.
 
     python experiments/pathfinder.py --config=configs/pathfinder.py --workdir=/tmp/pathfinder
 
-How long (2-core dev CPU): about 4 minutes (221 s in the reproduction: calibration three
-times, 9 s; the oracle, 32 s; the Qwen1.5-shaped layer, about a minute; 31 masked
+How long (2-core dev CPU): about 4 minutes (REPRO_S s in the reproduction: calibration three
+times, CALIB_S s; the oracle, ORACLE_S s; the Qwen1.5-shaped layer, about QWEN_S s; 35 masked
 evaluations of 500 prompts).
 """
 
@@ -38,12 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
                       ("naee", "uniform"), ("random_experts", "uniform"))
     config.ratios = (0.25, 0.5)
     config.pathfinder = ml_collections.ConfigDict(dict(
-        w_prob=1.0, w_strength=1.0, w_recon=1.0, w_transition=1.0, tau=1.0, recon="routed", path_topk=10,
-        max_sequences=0, force_keep_z=0.0, counting="posterior", layer_scale="recon"))
+        w_prob=1.0, w_strength=0.0, w_recon=1.0, w_transition=1.0, tau=1.0, recon="routed", path_topk=10,
+        max_sequences=0, force_keep_z=0.0, counting="posterior", layer_scale="expert"))
     config.removal_oracle = True  # every expert removed alone: its answer-loss cost (E forward passes per layer)
-    # (counting, layer_scale) of extra Pathfinder / global rows: the reference code's selection
-    # and each of this project's two changes to it alone.
-    config.selection_ablations = (("k_best", "none"), ("k_best", "recon"), ("posterior", "none"))
+    # (counting, layer_scale, w_strength) of extra Pathfinder / global rows: the reference code's
+    # selection, this project's changes one at a time, and the previous default (posterior, recon, 1).
+    config.selection_ablations = (("k_best", "none", 1.0), ("posterior", "none", 1.0), ("posterior", "recon", 1.0),
+                                  ("posterior", "expert", 1.0), ("k_best", "expert", 0.0))
     # The Qwen1.5-MoE-A2.7B MoE layer shape, random weights, for the reconstruction-cost ratio.
     config.qwen_layer = ml_collections.ConfigDict(dict(hidden_size=2048, num_experts=60, top_k=4, width=1408,
                                                        tokens=1024))

@@ -43,7 +43,7 @@ def _quick() -> dict:
                                    num_layers=1)),
         pathfinder=dict(n_per_domain=3, calibration=calib3, ratios=(0.25, 0.5), repeats=1,
                         methods=(("pathfinder", "global"), ("naee", "uniform"), ("naee", "global")),
-                        selection_ablations=(("k_best", "none"),),
+                        selection_ablations=(("k_best", "none", 1.0),),
                         qwen_layer=dict(hidden_size=32, num_experts=6, width=16, tokens=8)),
         trimming=dict(n_per_domain=3, calibration=dict(n_per_domain=3, batch_size=3), targets=(0.65,),
                       pruned_rows=False, modes=("global",), sweep_taus=(0.5,), telemetry_batches=3,

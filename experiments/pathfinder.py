@@ -9,8 +9,9 @@
 2. method x allocation x ratio of experts removed: each plan simulated with expert masks
    (exactly the compacted model's logits) -> exact match per domain, refusal rates, answer
    perplexity, routed-expert bytes of the compacted model.
-   `config.selection_ablations` add Pathfinder (global) with the reference code's selection
-   (k-best path counts, no cross-layer scale) and each of this project's two changes alone.
+   `config.selection_ablations` add Pathfinder (global) rows with the reference code's selection
+   (k-best path counts, no visit price, activation strength in the graph) and with this
+   project's changes one at a time: rows `pathfinder[counting,layer_scale,s=w_strength]`.
 3. A heatmap of experts kept per layer, Pathfinder (global) vs uniform allocation.
 4. The oracle the signals approximate: for every expert alone, how much removing it raises the
    answer loss (summed cross-entropy of the answer tokens) of the calibration examples.
@@ -51,34 +52,65 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def recon_cost(cfg: ModelConfig, params, layer: int, x_TD, repeats: int) -> dict[str, float]:
-    """Seconds of the routed and of the dense reconstruction error of one MoE layer on x_TD."""
+    """Seconds of one MoE layer's reconstruction errors on x_TD, in the two settings that matter.
+
+    In calibration (`scoring.collect`) the forward pass runs anyway and captures each routed
+    choice's output, so what a signal costs is what it adds to that forward: `routed` a few
+    norms, `dense` E plain expert passes over every token (`*_extra_s`, ratio
+    `dense_over_routed`). From the layer input alone, with no forward to reuse, `routed` runs
+    the routed experts once (T * top_k rows through the grouped dispatch) and `dense` runs the
+    layer for y plus the E passes (`*_alone_s`, ratio `dense_over_routed_alone`; at best
+    1 + E / top_k, less here because a dispatch row costs more than a row of a plain matmul).
+    """
     from moe_jax.model import moe
 
-    @jax.jit
-    def routed(params, x):
-        moe_params = params[cfg.layer_name(layer)]["moe"]
-        r = moe.route(cfg, layer, moe_params, x)
-        f = trajectory.per_choice_outputs(cfg, params, layer, x, r.idx_TK)
-        return trajectory.routed_recon(f, r.weights_TK, r.idx_TK, jnp.ones(x.shape[0]), cfg.experts_per_layer[layer])[0]
+    moe_params = params[cfg.layer_name(layer)]["moe"]
+    T, E = x_TD.shape[0], cfg.experts_per_layer[layer]
+    valid_T = jnp.ones(T, jnp.float32)
 
     @jax.jit
-    def dense(params, x):
+    def forward(moe_params, x):  # what calibration runs anyway: routing + experts, per-choice outputs kept
+        r = moe.route(cfg, layer, moe_params, x)
+        y, stats = moe.experts_forward(cfg, layer, moe_params["experts"], x, r, per_choice=True)
+        return r, y, stats["out_TKD"]
+
+    r, y_TD, f_TKD = forward(moe_params, x_TD)
+    routed_extra = jax.jit(lambda f, w, idx: trajectory.routed_recon(f, w, idx, valid_T, E)[0])
+    dense_extra = jax.jit(lambda params, x, y: trajectory.dense_recon(cfg, params, layer, x, y, valid_T))
+
+    @jax.jit
+    def routed_alone(params, x):
+        r = moe.route(cfg, layer, params[cfg.layer_name(layer)]["moe"], x)
+        f = trajectory.per_choice_outputs(cfg, params, layer, x, r.idx_TK)
+        return trajectory.routed_recon(f, r.weights_TK, r.idx_TK, valid_T, E)[0]
+
+    @jax.jit
+    def dense_alone(params, x):
         moe_params = params[cfg.layer_name(layer)]["moe"]
         r = moe.route(cfg, layer, moe_params, x)
         y = moe.experts_forward(cfg, layer, moe_params["experts"], x, r)[0]
-        return trajectory.dense_recon(cfg, params, layer, x, y, jnp.ones(x.shape[0]))
+        return trajectory.dense_recon(cfg, params, layer, x, y, valid_T)
 
-    out = {}
-    for name, fn in (("routed", routed), ("dense", dense)):
-        jax.block_until_ready(fn(params, x_TD))
+    def seconds(fn, *args):
+        jax.block_until_ready(fn(*args))
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(params, x_TD))
+            jax.block_until_ready(fn(*args))
             times.append(time.perf_counter() - t0)
-        out[f"{name}_s"] = float(np.median(times))
-    out["dense_over_routed"] = out["dense_s"] / out["routed_s"]
-    out["experts_over_top_k"] = cfg.experts_per_layer[layer] / cfg.num_experts_per_tok
+        return float(np.median(times))
+
+    out = {
+        "forward_s": seconds(forward, moe_params, x_TD),
+        "routed_extra_s": seconds(routed_extra, f_TKD, r.weights_TK, r.idx_TK),
+        "dense_extra_s": seconds(dense_extra, params, x_TD, y_TD),
+        "routed_alone_s": seconds(routed_alone, params, x_TD),
+        "dense_alone_s": seconds(dense_alone, params, x_TD),
+    }
+    out["dense_over_routed"] = out["dense_extra_s"] / out["routed_extra_s"]
+    out["dense_over_routed_alone"] = out["dense_alone_s"] / out["routed_alone_s"]
+    out["with_forward_ratio"] = (out["forward_s"] + out["dense_extra_s"]) / (out["forward_s"] + out["routed_extra_s"])
+    out["experts_over_top_k"] = E / cfg.num_experts_per_tok
     return out
 
 
@@ -157,9 +189,10 @@ def main(argv: list[str]) -> None:
     qcfg, qparams, qx = qwen15_layer(config)
     cost_qwen = recon_cost(qcfg, qparams, 0, qx, 1)
     del qparams
-    print(f"calibration seconds {timings}; dense/routed recon: here {cost_here['dense_over_routed']:.1f}x, "
-          f"Qwen1.5-shaped layer {cost_qwen['dense_over_routed']:.1f}x "
-          f"(E/top_k = {cost_qwen['experts_over_top_k']:.0f})")
+    print(f"calibration seconds {timings}; dense/routed recon on top of the forward: here "
+          f"{cost_here['dense_over_routed']:.0f}x, Qwen1.5-shaped layer {cost_qwen['dense_over_routed']:.0f}x; "
+          f"from the layer input alone {cost_here['dense_over_routed_alone']:.1f}x and "
+          f"{cost_qwen['dense_over_routed_alone']:.1f}x (E/top_k = {cost_qwen['experts_over_top_k']:.0f})")
 
     answer_batches = scoring.calibration_batches_from_config(c, tokenizer, answer_only=True)
     t0 = time.perf_counter()
@@ -179,6 +212,7 @@ def main(argv: list[str]) -> None:
         got = dict(run(f"{method}/{allocation}/{ratio:g}", pruning.masks(cfg, plan)))
         got["routed_bytes_kept"] = 1.0 - plan.dims_removed_fraction()  # routed bytes scale with the dims
         got["experts_per_layer"] = [len(plan.experts[lyr]) for lyr in cfg.moe_layers]
+        got["kept"] = [list(plan.experts[lyr]) for lyr in cfg.moe_layers]
         results[(method, allocation, ratio)] = got
 
     for method, allocation in config.methods:
@@ -191,10 +225,10 @@ def main(argv: list[str]) -> None:
                 continue
             plans[(method, allocation, ratio)] = plan
             record(method, allocation, ratio, plan)
-    for counting, layer_scale in config.selection_ablations:
-        variant = dataclasses.replace(settings, counting=counting, layer_scale=layer_scale)
+    for counting, layer_scale, w_strength in config.selection_ablations:
+        variant = dataclasses.replace(settings, counting=counting, layer_scale=layer_scale, w_strength=w_strength)
         for ratio in config.ratios:
-            record(f"pathfinder[{counting},{layer_scale}]", "global", ratio,
+            record(f"pathfinder[{counting},{layer_scale},s={w_strength:g}]", "global", ratio,
                    pruning.select(cfg, scores, "pathfinder", "global", ratio, pathfinder=variant))
     for ratio in config.ratios:
         shown = {f"{m}/{a}": p for (m, a, r), p in plans.items() if r == ratio and m in ("pathfinder", "frequency")}
@@ -238,10 +272,18 @@ def render(config, report, baseline, results) -> str:
     t = report["calibration_seconds"]
     lines += ["", "## Calibration cost", "", "| statistics | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]
-    for label, cost in report["recon_cost"].items():
-        lines.append(f"\n{label}: routed reconstruction error {cost['routed_s'] * 1e3:.1f} ms, dense "
-                     f"{cost['dense_s'] * 1e3:.1f} ms: dense / routed = {cost['dense_over_routed']:.1f}x "
-                     f"(E / top_k = {cost['experts_over_top_k']:.0f}).")
+    lines += ["", "Reconstruction error of one MoE layer (ms). *Extra*: what it adds to the calibration forward "
+              "(routing + routed experts), which captures each choice's expert output, so `routed` runs no expert "
+              "matmul and `dense` runs every expert on every token. *Alone*: from the layer input only, with no "
+              "forward to reuse.", "",
+              "| layer | forward | routed extra | dense extra | dense / routed | routed alone | dense alone "
+              "| dense / routed alone | E / top_k |", "|---|" + "---:|" * 8]
+    for label, c in report["recon_cost"].items():
+        lines.append(f"| {label} | {c['forward_s'] * 1e3:.1f} | {c['routed_extra_s'] * 1e3:.2f} | "
+                     f"{c['dense_extra_s'] * 1e3:.1f} | {c['dense_over_routed']:.0f}x | "
+                     f"{c['routed_alone_s'] * 1e3:.1f} | "
+                     f"{c['dense_alone_s'] * 1e3:.1f} | {c['dense_over_routed_alone']:.1f}x | "
+                     f"{c['experts_over_top_k']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

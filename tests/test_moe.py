@@ -253,6 +253,26 @@ def test_impls_match_loop_oracle(scenario):
                                        err_msg=f"{impl} {block_rows} {k}")
 
 
+@pytest.mark.parametrize("scenario", ["uniform", "mask_sef", "skewed"])
+def test_per_choice_outputs_match_loop_oracle(scenario):
+    """stats["out_TKD"] (what calibration reuses for the routed reconstruction error) is each
+    choice's own f_e(x): the oracle run on that one choice with weight 1; trimmed choices are 0."""
+    cfg, per_expert, params, x, idx, w, mask, seq = _expert_case(scenario)
+    T, K = idx.shape
+    want = np.stack([experts_oracle(cfg, per_expert, x, idx[:, k:k + 1], np.ones((T, 1), np.float32), mask, seq)[0]
+                     for k in range(K)], axis=1)
+    active = np.ones((T, K), bool)
+    active[::3, 1] = False
+    want[~active] = 0.0
+    routing = moe.Routing(jnp.zeros((T, 8)), jnp.zeros((T, 8)), jnp.asarray(idx), jnp.asarray(w), jnp.asarray(active))
+    for impl in IMPLS:
+        fn = jit(functools.partial(moe.experts_forward, cfg, 0, impl=impl, per_choice=True))
+        y, st = fn(params, x, routing, dims_mask=mask, seq_id_T=seq)
+        np.testing.assert_allclose(np.asarray(st["out_TKD"]), want, rtol=1e-5, atol=1e-5, err_msg=impl)
+        np.testing.assert_allclose(np.asarray(y), np.einsum("tk,tkd->td", w * active, want), rtol=1e-5, atol=1e-5,
+                                   err_msg=impl)
+
+
 @pytest.mark.parametrize("T", [1, 24])
 def test_auto_is_blocked_at_decode_and_prefill_sizes(T):
     cfg, per_expert, params, x, idx, w, _, _ = _expert_case("mask_ef", T=T)

@@ -4,6 +4,7 @@ masking, export against transformers."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -192,7 +193,7 @@ def test_pathfinder_keeps_experts_on_paths_and_layers_differ():
     cfg = tiny_config("mixtral", num_layers=4, dense_layers=())
     params = scaled_params(cfg)
     scores = scoring.collect(cfg, params, _batches(cfg, 4, B=4), ["trajectory", "routing"], progress=False)
-    reference = PathfinderSettings(path_topk=3, counting="k_best", layer_scale="none")
+    reference = PathfinderSettings(path_topk=3, counting="k_best", layer_scale="none", w_strength=1.0)
     plan = pruning.select(cfg, scores, "pathfinder", "global", 0.5, pathfinder=reference)
     freq = plan.meta["path_frequency"]
     for i, lyr in enumerate(cfg.moe_layers):  # every expert on a path outranks every expert on none
@@ -263,29 +264,40 @@ def test_group_limited_routing_refuses_regrouping_but_masks_work():
                                np.asarray(forward(cfg, params, tokens, pruning.masks(cfg, plan))), atol=1e-5)
 
 
-def test_pathfinder_priority_weights_visits_by_layer_reconstruction_error():
-    """priority = sum over sequences of (the sequence's routed reconstruction error in the layer)
-    x (its expected visits); a layer whose experts change the output 100x more keeps more of them."""
+def test_pathfinder_priority_prices_visits_by_reconstruction_error():
+    """"expert": sum over sequences of e's expected visits x the sequence's mean routed
+    reconstruction error per token routed to e; "recon": visits x the sequence's error summed
+    over the layer. Either way a layer whose experts change the output 100x more keeps more."""
     cfg = tiny_config("mixtral", num_layers=4, dense_layers=())
     params = scaled_params(cfg)
     scores = scoring.collect(cfg, params, _batches(cfg, 4, B=4), ["trajectory", "routing"], progress=False)
     settings = PathfinderSettings()
+    assert settings.layer_scale == "expert"
     visits = pf.path_visits(cfg, scores, settings)
     for v in visits:  # posterior counting: path_topk visits per sequence and layer, spread over the experts
         np.testing.assert_allclose(v.sum(-1), settings.path_topk)
-    priority = pf.path_priority(cfg, scores, settings)
+    by_expert = pf.path_priority(cfg, scores, settings)
+    by_layer = pf.path_priority(cfg, scores, dataclasses.replace(settings, layer_scale="recon"))
     for i, lyr in enumerate(cfg.moe_layers):
-        cost = np.asarray(scores["seq_recon_routed"][cfg.layer_name(lyr)]).sum(-1)
-        want = sum(cost[s] * visits[i][s] for s in range(len(cost)))
-        np.testing.assert_allclose(priority[i], want, rtol=1e-12)
+        recon = np.asarray(scores["seq_recon_routed"][cfg.layer_name(lyr)])
+        count = np.asarray(scores["seq_count"][cfg.layer_name(lyr)])
+        want_layer, want_expert = np.zeros(8), np.zeros(8)
+        for s in range(len(recon)):
+            want_layer += recon[s].sum() * visits[i][s]
+            for e in range(8):
+                if count[s, e]:
+                    want_expert[e] += visits[i][s, e] * recon[s, e] / count[s, e]
+        np.testing.assert_allclose(by_layer[i], want_layer, rtol=1e-12)
+        np.testing.assert_allclose(by_expert[i], want_expert, rtol=1e-12)
     loud = cfg.moe_layers[1]
     values = {k: dict(v) for k, v in scores.values.items()}
     values["seq_recon_routed"][cfg.layer_name(loud)] = 100.0 * values["seq_recon_routed"][cfg.layer_name(loud)]
     values["expert_reap"][cfg.layer_name(loud)] = 100.0 * values["expert_reap"][cfg.layer_name(loud)]
     louder = scoring.Scores(values, scores.widths, scores.num_sequences, scores.num_tokens)
-    for method in ("pathfinder", "reap"):  # global allocation compares the signals as they are
-        before = pruning.select(cfg, scores, method, "global", 0.5)
-        plan = pruning.select(cfg, louder, method, "global", 0.5)
+    for method, scale in (("pathfinder", "expert"), ("pathfinder", "recon"), ("reap", None)):
+        priced = dataclasses.replace(settings, layer_scale=scale or "expert")  # global: signals compared as they are
+        before = pruning.select(cfg, scores, method, "global", 0.5, pathfinder=priced)
+        plan = pruning.select(cfg, louder, method, "global", 0.5, pathfinder=priced)
         kept = {lyr: len(v) for lyr, v in plan.experts.items()}
         assert kept[loud] > len(before.experts[loud]) and kept[loud] == max(kept.values()), (method, plan.experts)
         assert kept[loud] >= cfg.experts_per_layer[loud] - 1, (method, plan.experts)

@@ -185,12 +185,13 @@ def test_pathfinder_stage(run):
     d = run.dir / "pathfinder"
     report = json.loads((d / "report.json").read_text())
     assert set(report["results"]) == {f"{m}/{r}" for m in ("pathfinder/global", "naee/uniform",
-                                                           "pathfinder[k_best,none]/global")
+                                                           "pathfinder[k_best,none,s=1]/global")
                                       for r in ("0.25", "0.5")}  # naee/global is refused
     assert "use allocation 'uniform'" in (d / "stdout.log").read_text()
     assert report["results"]["pathfinder/global/0.25"]["routed_bytes_kept"] == 0.75
     assert report["results"]["pathfinder/global/0.5"]["routed_bytes_kept"] == 0.5
-    assert report["recon_cost"]["qwen1.5_layer"]["dense_over_routed"] > 0
+    cost = report["recon_cost"]["qwen1.5_layer"]
+    assert cost["dense_over_routed"] > 0 and cost["dense_over_routed_alone"] > 0 and cost["forward_s"] > 0
     oracle = report["removal_cost"]  # one finite answer-loss rise per expert of every MoE layer
     assert len(oracle) == 4 and all(len(v) == 8 and all(np.isfinite(v)) for v in oracle.values())
     assert "Single-expert removal" in (d / "report.md").read_text()

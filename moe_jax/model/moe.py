@@ -204,6 +204,7 @@ def experts_forward(
     collect_stats: bool = False,
     token_valid_T: jax.Array | None = None,
     block_rows: int | None = None,
+    per_choice: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Dropless routed experts of one layer; returns (y_TD float32, stats).
 
@@ -224,6 +225,9 @@ def experts_forward(
         Otherwise stats is {}. Stats carry no gradient.
       token_valid_T: (T,) which tokens the stats count (padding excluded); default all.
       block_rows: rows per block of "blocked" (default: `block_rows_for`).
+      per_choice: also return stats["out_TKD"] (T, K, D): each routed choice's output f_e(x)
+        before the combine (0 for trimmed choices), so calibration can reuse the forward's
+        expert work instead of running the routed experts again. Not with "expert_parallel".
 
     "blocked" has a hand-written backward pass, so it supports reverse mode (grad, vjp) but
     not forward mode (jvp); use "ragged" or "dense" there.
@@ -255,13 +259,17 @@ def experts_forward(
             raise ValueError(f"experts_forward: active_TK has shape {active_TK.shape}, expected {idx_TK.shape}")
         weights_TK = jnp.where(active_TK, weights_TK, 0)
     if impl == "expert_parallel":
+        if per_choice:
+            raise ValueError("experts_forward: per_choice=True is not supported with impl='expert_parallel'; "
+                             "use 'blocked' to capture per-choice outputs")
         from moe_jax.sharding import expert_parallel  # lazy: sharding imports this module
 
         return expert_parallel.experts_forward(cfg, layer, experts_params, x_TD, idx_TK, weights_TK, active_TK,
                                                mask, seq_id_T, valid_T, collect_stats)
     if impl == "dense":
-        return _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, collect_stats, valid_T,
-                      active_TK)
+        y_TD, stats, out_TKD = _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, collect_stats,
+                                      valid_T, active_TK, per_choice)
+        return y_TD, (stats | {"out_TKD": jax.lax.stop_gradient(out_TKD)} if per_choice else stats)
     K = idx_TK.shape[1]
     tok_R = jnp.repeat(jnp.arange(T, dtype=jnp.int32), K)
     active_R = None if active_TK is None else active_TK.reshape(-1)
@@ -276,7 +284,11 @@ def experts_forward(
         bucket_fn = _ragged_bucket if impl == "ragged" else _gather_bucket
         out_RD, sums = _per_bucket(info, experts_params, x_TD, rows, mask, seq_id_T, collect_stats, bucket_fn)
     y_TD = jnp.sum(out_RD.reshape(T, K, D) * weights_TK.astype(_F32)[..., None], axis=1)
-    return y_TD, (_row_stats(info, rows, out_RD, *sums) if collect_stats else {})
+    stats = _row_stats(info, rows, out_RD, *sums) if collect_stats else {}
+    if per_choice:  # trimmed rows read 0 whichever path ran them
+        out_ok_RD = out_RD if active_R is None else jnp.where(active_R[:, None], out_RD, 0.0)
+        stats["out_TKD"] = jax.lax.stop_gradient(out_ok_RD.reshape(T, K, D))
+    return y_TD, stats
 
 
 def block_rows_for(T: int, K: int, E: int) -> int:
@@ -330,7 +342,7 @@ def _bucket_mask(mask, bucket: ExpertBucket):
     return None if mask is None else mask[..., np.asarray(bucket.expert_ids), : bucket.width]
 
 
-def _ffn(x_ND, gate_DF, up_DF, down_FD, mask_NF):
+def swiglu(x_ND, gate_DF, up_DF, down_FD, mask_NF=None):
     """SwiGLU in the weights' dtype, float32 accumulation; returns (h_NF f32, out_ND f32)."""
     dt = gate_DF.dtype
     x = x_ND.astype(dt)
@@ -356,7 +368,9 @@ def _row_stats(info: _Layer, rows: _Rows, out_RD, act_abs_EF, act_wabs_EF):
 
 
 # ----------------------------------------------------------------------------- dense reference
-def _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, collect_stats, valid_T, active_TK):
+def _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, collect_stats, valid_T, active_TK,
+           per_choice=False):
+    """Returns (y_TD, stats, out_TKD or None)."""
     T, D = x_TD.shape
     onehot_TKE = jax.nn.one_hot(idx_TK, info.E, dtype=_F32)
     if active_TK is not None:
@@ -366,15 +380,22 @@ def _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, colle
     y_TD = jnp.zeros((T, D), _F32)
     act_abs, act_wabs = jnp.zeros((2, info.E, info.F_max), _F32)
     norm_TE = jnp.zeros((T, info.E), _F32)
+    out_TKD = jnp.zeros((*idx_TK.shape, D), _F32) if per_choice else None
     for b, bucket in enumerate(info.buckets):
         w = experts_params[f"bucket_{b}"]
         ids, F = np.asarray(bucket.expert_ids), bucket.width
         m = _bucket_mask(mask, bucket)
         if m is not None:
             m = m[:, None, :] if m.ndim == 2 else m[seq_id_T].transpose(1, 0, 2)  # (E_b, 1|T, F_b)
-        h_ETF, out_ETD = jax.vmap(_ffn, in_axes=(None, 0, 0, 0, None if m is None else 0))(
+        h_ETF, out_ETD = jax.vmap(swiglu, in_axes=(None, 0, 0, 0, None if m is None else 0))(
             x_TD, w["gate"], w["up"], w["down"], m)
         y_TD = y_TD + jnp.einsum("te,etd->td", comb_TE[:, ids], out_ETD, precision=_EXACT)
+        if per_choice:  # choice (t, k) reads out_ETD[local e, t] where its expert is in this bucket
+            in_b_TK = jnp.asarray(info.bucket_of)[idx_TK] == b
+            if active_TK is not None:
+                in_b_TK = in_b_TK & active_TK
+            got_TKD = out_ETD[jnp.asarray(info.local_of)[idx_TK], jnp.arange(T)[:, None]]
+            out_TKD = out_TKD + jnp.where(in_b_TK[..., None], got_TKD, 0.0)
         if collect_stats:
             a_ETF = jnp.abs(h_ETF) * valid_T[None, :, None]
             act_abs = act_abs.at[ids, :F].set(jnp.einsum("te,etf->ef", sel_TE[:, ids], a_ETF, precision=_EXACT))
@@ -382,7 +403,7 @@ def _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, colle
                                                            precision=_EXACT))
             norm_TE = norm_TE.at[:, ids].set(jnp.linalg.norm(out_ETD, axis=-1).T)
     if not collect_stats:
-        return y_TD, {}
+        return y_TD, {}, out_TKD
     sel_TE, comb_TE = sel_TE * valid_T[:, None], comb_TE * valid_T[:, None]
     return y_TD, jax.lax.stop_gradient({
         "act_abs_sum": act_abs,
@@ -390,7 +411,7 @@ def _dense(info, experts_params, x_TD, idx_TK, weights_TK, mask, seq_id_T, colle
         "count": sel_TE.sum(0),
         "out_norm_sum": (sel_TE * norm_TE).sum(0),
         "weighted_out_norm_sum": (comb_TE * norm_TE).sum(0),
-    })
+    }), out_TKD
 
 
 # ------------------------------------------------------------------- per-bucket: ragged, gather
@@ -439,7 +460,7 @@ def _gather_bucket(w, x_TD, rows, in_b_R, local_R, mask_b, seq_id_T, collect_sta
     m = _row_mask(mask_b, None if seq_id_T is None else seq_id_T[rows.tok_R], local_R)
     in_b = in_b_R.astype(_F32)[:, None]
     m = in_b if m is None else m * in_b
-    h_RF, out_RD = jax.vmap(_ffn)(x_TD[rows.tok_R][:, None], w["gate"][local_R], w["up"][local_R],
+    h_RF, out_RD = jax.vmap(swiglu)(x_TD[rows.tok_R][:, None], w["gate"][local_R], w["up"][local_R],
                                   w["down"][local_R], m[:, None])
     h_RF, out_RD = h_RF[:, 0], out_RD[:, 0]
     return out_RD, _act_sums(h_RF, rows.w_R, rows.v_R, local_R, in_b_R, w["gate"].shape[0], collect_stats)
@@ -584,7 +605,7 @@ def _bucket_forward(gate, up, down, mask_b, plan, x_NBD, seq_NB, w_NB, out_NBD, 
 
         def block(i, carry):
             out_NBD, abs_F, wabs_F = carry
-            h_BF, out_BD = _ffn(x_NBD[i], gate_DF, up_DF, down_FD, _rows_mask(mask_b, j, seq_NB, i))
+            h_BF, out_BD = swiglu(x_NBD[i], gate_DF, up_DF, down_FD, _rows_mask(mask_b, j, seq_NB, i))
             if collect_stats:
                 a_BF = jnp.abs(h_BF)
                 abs_F, wabs_F = abs_F + (a_BF * w_NB[i][:, :1]).sum(0), wabs_F + (a_BF * w_NB[i][:, 1:]).sum(0)

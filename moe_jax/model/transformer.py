@@ -22,7 +22,9 @@ from moe_jax.model import moe
 from moe_jax.model.attention import GQAttention, Linear, MLAttention, RMSNorm, rope_cos_sin
 
 _INIT = nn.initializers.normal(stddev=0.02)
-CAPTURES = ("routing", "activations", "moe_inputs")
+# routing: Routing fields; activations: experts_forward stats; moe_inputs: x of each MoE block;
+# expert_outputs: each routed choice's f_e(x) (B, T, K, D), reused by calibration.
+CAPTURES = ("routing", "activations", "moe_inputs", "expert_outputs")
 
 
 class MLP(nn.Module):
@@ -113,7 +115,9 @@ class MoEBlock(nn.Module):
             dims_mask=layer_masks.get("dims"), seq_id_T=seq_id_T,
             impl=impl, collect_stats="activations" in capture,
             token_valid_T=None if token_valid_BT is None else token_valid_BT.reshape(B * T),
+            per_choice="expert_outputs" in capture,
         )
+        out_TKD = stats.pop("out_TKD", None)
         y_BTD = y_TD.reshape(B, T, D).astype(x_BTD.dtype)
         if cfg.shared_expert_width:
             shared = MLP(cfg.shared_expert_width, dt, name="shared")(x_BTD)
@@ -130,6 +134,8 @@ class MoEBlock(nn.Module):
             aux.update(stats)
         if "moe_inputs" in capture:
             aux["x"] = x_BTD
+        if out_TKD is not None:
+            aux["expert_outputs"] = out_TKD.reshape(B, T, *out_TKD.shape[1:])
         return y_BTD, aux
 
 

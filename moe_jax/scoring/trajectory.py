@@ -7,9 +7,10 @@ From the routing and MoE inputs captured in the calibration forward, per MoE lay
 - `routed` reconstruction error of expert e: the change of the layer's routed output when e is
   removed from a token that chose it, gates renormalised over the remaining choices,
       ||y - y_without_e|| = g_e * ||W f_e(x) - y|| / (W - g_e),   W = sum_k g_k,
-  which needs only the routed experts' outputs (one routed pass, k columns at a time);
+  which needs only the routed experts' outputs: the calibration forward captures them
+  (`expert_outputs`), so it costs a few norms on top of the forward, no expert matmul;
 - `dense` reconstruction error, the reference code's ||y - f_e(x)|| with every expert run on
-  every token (E / top_k times the routed cost; for fidelity checks on small models);
+  every token (E dense expert passes per layer; for fidelity checks on small models);
 - transition counts between the experts a token uses in consecutive MoE layers;
 - a sample of MoE inputs (for NAEE's subset search, done on the host later).
 """
@@ -33,14 +34,11 @@ def _expert_params(params: Params, cfg: ModelConfig, layer: int):
 
 
 def per_choice_outputs(cfg: ModelConfig, params: Params, layer: int, x_TD, idx_TK, impl: str = "auto"):
-    """f_{e_k}(x_t) for every routed choice k: (T, K, D), in one dropless pass over the T*K
-    (token, choice) rows with unit weights, so each used expert's weights are read once."""
+    """f_{e_k}(x_t) for every routed choice k: (T, K, D), one dropless routed pass (each used
+    expert's weights read once). Calibration takes these from its forward instead."""
     experts = _expert_params(params, cfg, layer)
-    T, K = idx_TK.shape
-    x_RD = jnp.repeat(x_TD, K, axis=0)
-    y_RD = moe.experts_forward(cfg, layer, experts, x_RD, (idx_TK.reshape(T * K, 1), jnp.ones((T * K, 1), jnp.float32)),
-                               impl=impl)[0]
-    return y_RD.reshape(T, K, -1)
+    ones_TK = jnp.ones(idx_TK.shape, jnp.float32)
+    return moe.experts_forward(cfg, layer, experts, x_TD, (idx_TK, ones_TK), impl=impl, per_choice=True)[1]["out_TKD"]
 
 
 def routed_recon(f_TKD, w_TK, idx_TK, valid_T, num_experts: int):
@@ -58,19 +56,20 @@ def routed_recon(f_TKD, w_TK, idx_TK, valid_T, num_experts: int):
     return sums_E, delta_TK
 
 
-def dense_recon(cfg: ModelConfig, params: Params, layer: int, x_TD, y_TD, valid_T, impl: str = "auto"):
-    """sum over valid tokens of ||y - f_e(x)|| for every expert e (E,), running e on every token."""
+def dense_recon(cfg: ModelConfig, params: Params, layer: int, x_TD, y_TD, valid_T):
+    """sum over valid tokens of ||y - f_e(x)|| for every expert e (E,), running e on every token:
+    one plain (T, D) expert pass per expert, no dispatch (the reference code's method)."""
     experts = _expert_params(params, cfg, layer)
-    T = x_TD.shape[0]
-    ones = jnp.ones((T, 1), jnp.float32)
+    sums_E = jnp.zeros(cfg.experts_per_layer[layer], jnp.float32)
+    for b, bucket in enumerate(cfg.expert_buckets(layer)):
+        w = experts[f"bucket_{b}"]
 
-    def one(e):  # every token to expert e: blocks as large as allowed, since they all share its weights
-        rows = None if impl not in ("auto", "blocked") else min(T, moe.MAX_BLOCK_ROWS)
-        f_TD = moe.experts_forward(cfg, layer, experts, x_TD, (jnp.full((T, 1), e, jnp.int32), ones), impl=impl,
-                                   block_rows=rows)[0]
-        return jnp.sum(jnp.linalg.norm(y_TD - f_TD, axis=-1) * valid_T)
+        def one(w_e):
+            f_TD = moe.swiglu(x_TD, *w_e)[1]
+            return jnp.sum(jnp.linalg.norm(y_TD - f_TD, axis=-1) * valid_T)
 
-    return jnp.stack([one(e) for e in range(cfg.experts_per_layer[layer])])
+        sums_E = sums_E.at[jnp.asarray(bucket.expert_ids)].set(jax.lax.map(one, (w["gate"], w["up"], w["down"])))
+    return sums_E
 
 
 def per_sequence(values_BTK, idx_BTK, num_experts: int):
@@ -94,7 +93,10 @@ def layer_trajectory(cfg: ModelConfig, params: Params, layer: int, aux: dict, va
     E = cfg.experts_per_layer[layer]
     x_TD, idx_TK, w_TK = x_BTD.reshape(B * T, -1), idx_BTK.reshape(B * T, K), w_BTK.reshape(B * T, K)
     valid_T = valid_BT.reshape(-1).astype(jnp.float32)
-    f_TKD = per_choice_outputs(cfg, params, layer, x_TD, idx_TK, impl)
+    if "expert_outputs" in aux:  # the forward's own expert outputs: no second routed pass
+        f_TKD = aux["expert_outputs"].reshape(B * T, K, -1)
+    else:
+        f_TKD = per_choice_outputs(cfg, params, layer, x_TD, idx_TK, impl)
     recon_E, delta_TK = routed_recon(f_TKD, w_TK, idx_TK, valid_T, E)
     strength_TK = w_TK.astype(jnp.float32) * jnp.linalg.norm(f_TKD, axis=-1) * valid_T[:, None]
     count_TK = jnp.broadcast_to(valid_T[:, None], (B * T, K))
@@ -107,5 +109,5 @@ def layer_trajectory(cfg: ModelConfig, params: Params, layer: int, aux: dict, va
     sums = {"recon_routed_sum": recon_E}
     if dense:
         y_TD = jnp.einsum("tk,tkd->td", w_TK.astype(jnp.float32), f_TKD)
-        sums["recon_dense_sum"] = dense_recon(cfg, params, layer, x_TD, y_TD, valid_T, impl)
+        sums["recon_dense_sum"] = dense_recon(cfg, params, layer, x_TD, y_TD, valid_T)
     return jax.lax.stop_gradient(sums), jax.lax.stop_gradient(seq)
