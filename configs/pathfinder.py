@@ -12,9 +12,9 @@ Qwen1.5-MoE-shaped layer.
 
     python experiments/pathfinder.py --config=configs/pathfinder.py --workdir=/tmp/pathfinder
 
-How long (2-core dev CPU): about 4 minutes (REPRO_S s in the reproduction: calibration three
-times, CALIB_S s; the oracle, ORACLE_S s; the Qwen1.5-shaped layer, about QWEN_S s; 35 masked
-evaluations of 500 prompts).
+How long (2-core dev CPU): about 3 minutes (calibration three times, ~8 s; the oracle, ~26 s;
+the rest the Qwen1.5-shaped layer and 35 masked evaluations of 500 prompts); the
+reproduction's RESULTS.md has each run's seconds.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ reconstruction error replaces the dense one because calibration gets it from the
 expert outputs; transitions make a path a trajectory tokens really take, rather than a product
 of per-layer choices. w_strength is 0 (the reference uses 1): a sequence's activation strength
 sums over its tokens, so it mostly repeats the routing mass, and token counts are not what
-removal costs here (rank correlation with the removal oracle below: -0.50 to +0.05 in layers
-1-3 of the built-in model).
+removal costs (rank correlation with the single-expert removal oracle of
+experiments/pathfinder.py: -0.50 to +0.05 in layers 1-3 of the built-in model). With it kept,
+the per-expert price below removes the layer-0 expert that arithmetic needs.
 
 Selection. Each sequence's paths are counted per expert: "posterior" (default) counts the
 expected visits of a path drawn from the sequence's whole path distribution (forward-backward,

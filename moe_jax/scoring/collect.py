@@ -106,8 +106,7 @@ def _score_step(cfg: ModelConfig, params: Params, rows, *, want_grad: bool, want
     """Sums over one micro-batch: {stat: {layer: array}}, token and sequence counts, and
     per-sequence arrays {stat: {layer: (B, E)}} (trajectory statistics only)."""
     B = rows["inputs"].shape[0]
-    traj = ("routing", "moe_inputs") + (() if impl == "expert_parallel" else ("expert_outputs",))
-    capture = (("activations", "routing") if want_acts else ()) + (traj if want_traj else ())
+    capture = (("activations", "routing") if want_acts else ()) + (trajectory.captures(impl) if want_traj else ())
     capture = tuple(dict.fromkeys(capture))
     token_weight_B = rows["weights"].sum(-1)
 

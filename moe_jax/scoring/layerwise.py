@@ -92,7 +92,7 @@ def _layer_forward(cfg1: ModelConfig, dtype: str, p: Params, x_BTD, segment_ids_
                    want_traj: bool, want_dense: bool, impl: str):
     """(output, {stat: sum}, {per-sequence stat: array}, chosen experts idx_BTK or None) of one layer."""
     is_moe = cfg1.layer_kinds[0] == "moe"
-    capture = (("activations", "routing") if want_acts else ()) + (("routing", "moe_inputs") if want_traj else ())
+    capture = (("activations", "routing") if want_acts else ()) + (trajectory.captures(impl) if want_traj else ())
     capture = tuple(dict.fromkeys(capture)) if is_moe else ()
     y_BTD, aux = _apply_layer(cfg1, dtype, p, x_BTD, segment_ids_BT, None, capture, impl)
     sums, per_seq, idx_BTK = {}, {}, None

@@ -29,6 +29,12 @@ Params = dict[str, Any]
 _EPS = 1e-9
 
 
+def captures(impl: str) -> tuple[str, ...]:
+    """What the calibration forward captures for `layer_trajectory`: the expert outputs too,
+    except under expert parallelism, whose dispatch does not return them (recomputed then)."""
+    return ("routing", "moe_inputs") + (() if impl == "expert_parallel" else ("expert_outputs",))
+
+
 def _expert_params(params: Params, cfg: ModelConfig, layer: int):
     return params[cfg.layer_name(layer)]["moe"]["experts"]
 
