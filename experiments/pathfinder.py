@@ -109,7 +109,6 @@ def recon_cost(cfg: ModelConfig, params, layer: int, x_TD, repeats: int) -> dict
     }
     out["dense_over_routed"] = out["dense_extra_s"] / out["routed_extra_s"]
     out["dense_over_routed_alone"] = out["dense_alone_s"] / out["routed_alone_s"]
-    out["with_forward_ratio"] = (out["forward_s"] + out["dense_extra_s"]) / (out["forward_s"] + out["routed_extra_s"])
     out["experts_over_top_k"] = E / cfg.num_experts_per_tok
     return out
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import jax
 import numpy as np
 import pytest
 
@@ -16,6 +17,7 @@ from moe_jax.model.layout import expert_weight
 from moe_jax.pruning import PathfinderSettings, PlanError, k_best_paths
 from moe_jax.pruning import pathfinder as pf
 from moe_jax.pruning.experts import naee_layer
+from moe_jax.scoring import trajectory
 from tests.conftest import random_hf_qwen2_moe, scaled_params, tiny_config, transformers_logits
 
 
@@ -135,6 +137,26 @@ def test_trajectory_statistics_match_direct_loops(family):
         assert got["moe_input_sample"][name].shape == (7, cfg.hidden_size)
     for name in trans:
         np.testing.assert_allclose(got["transitions"][name], trans[name])
+
+
+def test_trajectory_recomputes_expert_outputs_when_not_captured():
+    """Expert parallelism captures no expert outputs: the trajectory then runs the routed
+    experts itself, with the same statistics (routed and dense reconstruction error included)."""
+    cfg = tiny_config("qwen2_moe", num_layers=2, dense_layers=())
+    params = scaled_params(cfg)
+    rows = scoring.calibration_rows(_batches(cfg, 1)[0])
+    _, aux = forward(cfg, params, rows["inputs"], segment_ids=rows["segment_ids"],
+                     capture=trajectory.captures("auto"))
+    valid_BT = rows["segment_ids"] > 0
+    for i in cfg.moe_layers:
+        a = aux[cfg.layer_name(i)]
+        assert a["expert_outputs"].shape == (*a["idx_TK"].shape, cfg.hidden_size)
+        without = {k: v for k, v in a.items() if k != "expert_outputs"}
+        got = trajectory.layer_trajectory(cfg, params, i, a, valid_BT, dense=True)
+        want = trajectory.layer_trajectory(cfg, params, i, without, valid_BT, dense=True)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+    assert "expert_outputs" not in trajectory.captures("expert_parallel")
 
 
 def _numpy_subset_error(cfg, params, layer, x, subset):

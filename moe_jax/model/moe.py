@@ -461,7 +461,7 @@ def _gather_bucket(w, x_TD, rows, in_b_R, local_R, mask_b, seq_id_T, collect_sta
     in_b = in_b_R.astype(_F32)[:, None]
     m = in_b if m is None else m * in_b
     h_RF, out_RD = jax.vmap(swiglu)(x_TD[rows.tok_R][:, None], w["gate"][local_R], w["up"][local_R],
-                                  w["down"][local_R], m[:, None])
+                                    w["down"][local_R], m[:, None])
     h_RF, out_RD = h_RF[:, 0], out_RD[:, 0]
     return out_RD, _act_sums(h_RF, rows.w_R, rows.v_R, local_R, in_b_R, w["gate"].shape[0], collect_stats)
 

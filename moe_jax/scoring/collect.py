@@ -254,7 +254,9 @@ def collect(cfg: ModelConfig, params: Params, batches: Iterable[Batch], statisti
 
     batches: an iterable of pipeline batch dicts or (B, T+1) token arrays, the same sequence
     on every call if a run is to resume. micro_batch_size: rows per compiled step (the last
-    micro-batch is padded with empty rows). checkpoint_path: an .npz to save progress to and
+    micro-batch is padded with empty rows; with "trajectory" a step also holds every MoE layer's
+    per-choice expert outputs, micro_batch_size * T * top_k * hidden floats per layer, which the
+    routed reconstruction error reuses). checkpoint_path: an .npz to save progress to and
     resume from; it is refused if the model, statistics, settings or `data_id` (any string that
     names the calibration data) differ from the run that wrote it. sample_tokens: MoE inputs kept
     per layer for NAEE's subset search ("trajectory" only). place_batch: puts each micro-batch of
