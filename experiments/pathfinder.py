@@ -43,6 +43,7 @@ from moe_jax.config import ModelConfig  # noqa: E402
 from moe_jax.data import skills  # noqa: E402
 from moe_jax.model import transformer  # noqa: E402
 from moe_jax.reporting import fmt  # noqa: E402
+from moe_jax.reproduction import book  # noqa: E402
 from moe_jax.scoring import trajectory  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -261,28 +262,14 @@ def render(config, report, baseline, results) -> str:
                      f" | {fmt(v['mean_em'])} | {fmt(v.get('refusal'), 2)} | {fmt(v.get('over_refusal'), 2)} | "
                      f"{v['routed_bytes_kept']:.2f} |")
     if report["removal_cost"]:
-        E = max(len(v) for v in report["removal_cost"].values())
         lines += ["", "## Single-expert removal (the oracle)", "",
                   f"Rise of the summed answer loss (nats) of the {config.calibration.n_per_domain}/domain calibration "
-                  f"examples when one expert is removed ({report['removal_cost_seconds']:.0f} s).", "",
-                  "| layer | " + " | ".join(f"e{e}" for e in range(E)) + " |", "|---|" + "---:|" * E]
-        lines += [f"| {name} | " + " | ".join(f"{v:.2f}" for v in costs) + " |"
-                  for name, costs in report["removal_cost"].items()]
+                  f"examples when one expert is removed ({report['removal_cost_seconds']:.0f} s).", ""]
+        lines += book.removal_cost_table(report["removal_cost"])
     t = report["calibration_seconds"]
     lines += ["", "## Calibration cost", "", "| statistics | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]
-    lines += ["", "Reconstruction error of one MoE layer (ms). *Extra*: what it adds to the calibration forward "
-              "(routing + routed experts), which captures each choice's expert output, so `routed` runs no expert "
-              "matmul and `dense` runs every expert on every token. *Alone*: from the layer input only, with no "
-              "forward to reuse.", "",
-              "| layer | forward | routed extra | dense extra | dense / routed | routed alone | dense alone "
-              "| dense / routed alone | E / top_k |", "|---|" + "---:|" * 8]
-    for label, c in report["recon_cost"].items():
-        lines.append(f"| {label} | {c['forward_s'] * 1e3:.1f} | {c['routed_extra_s'] * 1e3:.2f} | "
-                     f"{c['dense_extra_s'] * 1e3:.1f} | {c['dense_over_routed']:.0f}x | "
-                     f"{c['routed_alone_s'] * 1e3:.1f} | "
-                     f"{c['dense_alone_s'] * 1e3:.1f} | {c['dense_over_routed_alone']:.1f}x | "
-                     f"{c['experts_over_top_k']:.0f} |")
+    lines += [""] + book.recon_cost_table(report["recon_cost"])
     return "\n".join(lines) + "\n"
 
 

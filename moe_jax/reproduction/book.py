@@ -161,6 +161,24 @@ def render_fisher(r: dict) -> list[str]:
     return lines + _table(["model", "pruning", "prefill tok/s", "x", "decode tok/s", "x"], rows)
 
 
+def removal_cost_table(removal_cost: dict[str, list[float]]) -> list[str]:
+    """Markdown rows of the pathfinder experiment's single-expert removal oracle (nats per expert)."""
+    E = max(len(v) for v in removal_cost.values())
+    return _table(["layer", *(f"e{e}" for e in range(E))],
+                  [[name, *(f"{v:.2f}" for v in costs)] for name, costs in removal_cost.items()])
+
+
+def recon_cost_table(recon_cost: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown rows of `experiments.pathfinder.recon_cost` per layer shape, with what they mean."""
+    return ["Reconstruction error of one MoE layer (ms): *extra* is what it adds to the calibration forward, "
+            "which captures each routed choice's output; *alone* starts from the layer input.", ""] + _table(
+        ["layer", "forward", "routed extra", "dense extra", "dense / routed", "routed alone", "dense alone",
+         "dense / routed alone", "E / top_k"],
+        [[k, f"{c['forward_s'] * 1e3:.1f}", f"{c['routed_extra_s'] * 1e3:.2f}", f"{c['dense_extra_s'] * 1e3:.1f}",
+          f"{c['dense_over_routed']:.0f}", f"{c['routed_alone_s'] * 1e3:.1f}", f"{c['dense_alone_s'] * 1e3:.1f}",
+          f"{c['dense_over_routed_alone']:.1f}", f"{c['experts_over_top_k']:.0f}"] for k, c in recon_cost.items()])
+
+
 def render_pathfinder(r: dict) -> list[str]:
     base = r["baseline"]
     results = {_split_key(k): v for k, v in r["results"].items()}
@@ -179,22 +197,11 @@ def render_pathfinder(r: dict) -> list[str]:
     for ratio in sorted({k[2] for k in results}):
         lines += ["", f"![kept experts at {ratio:.0%}](pathfinder/kept_experts_{int(ratio * 100)}.png)"]
     if r.get("removal_cost"):
-        E = max(len(v) for v in r["removal_cost"].values())
         lines += ["", "### Single-expert removal: rise of the calibration answer loss (nats)", ""]
-        lines += _table(["layer", *(f"e{e}" for e in range(E))],
-                        [[name, *(f"{v:.2f}" for v in costs)] for name, costs in r["removal_cost"].items()])
+        lines += removal_cost_table(r["removal_cost"])
     lines += ["", "### Calibration and reconstruction cost", ""]
     lines += _table(["statistics", "seconds"], [[k, f"{v:.1f}"] for k, v in r["calibration_seconds"].items()])
-    lines.append("")
-    lines += ["Reconstruction error of one MoE layer (ms): *extra* is what it adds to the calibration forward, "
-              "which captures each routed choice's output; *alone* starts from the layer input.", ""]
-    lines += _table(["layer", "forward", "routed extra", "dense extra", "dense / routed", "routed alone",
-                     "dense alone", "dense / routed alone", "E / top_k"],
-                    [[k, f"{c['forward_s'] * 1e3:.1f}", f"{c['routed_extra_s'] * 1e3:.2f}",
-                      f"{c['dense_extra_s'] * 1e3:.1f}", f"{c['dense_over_routed']:.0f}",
-                      f"{c['routed_alone_s'] * 1e3:.1f}", f"{c['dense_alone_s'] * 1e3:.1f}",
-                      f"{c['dense_over_routed_alone']:.1f}", f"{c['experts_over_top_k']:.0f}"]
-                     for k, c in r["recon_cost"].items()])
+    lines += [""] + recon_cost_table(r["recon_cost"])
     return lines
 
 
