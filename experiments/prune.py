@@ -127,7 +127,9 @@ def calibrate(cfg: ModelConfig, params: Params, tokenizer, config, statistics: S
     batches = scoring.calibration_batches_from_config(c, tokenizer)
     print(f"Calibration: {c.data}, {sum(len(b['tokens']) for b in batches)} rows of {c.seq_len} tokens")
     data_id = json.dumps([c.to_dict(), sorted(statistics)], sort_keys=True)
-    state = workdir / f"scores_state-{hashlib.blake2b(data_id.encode(), digest_size=4).hexdigest()}.npz"
+    # Keyed by the weights too: another model's half-done state starts afresh instead of being refused.
+    state_key = hashlib.blake2b(f"{data_id}|{model_id}".encode(), digest_size=4).hexdigest()
+    state = workdir / f"scores_state-{state_key}.npz"
     scores = scoring.collect(cfg, params, batches, statistics, micro_batch_size=c.micro_batch_size, seed=c.seed,
                              checkpoint_path=state, data_id=data_id, total=len(batches))
     scores.meta["calibration"] = c.to_dict()

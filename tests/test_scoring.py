@@ -169,6 +169,38 @@ def test_killed_run_resumes_to_the_same_scores(tmp_path):
         scoring.collect(cfg, scaled_params(cfg, seed=1), batches, stats, checkpoint_path=ckpt, progress=False)
 
 
+def test_model_digest_changes_with_any_weight_and_only_then():
+    """Cached scores must not outlive a weight change the routers do not see: trimming's
+    frozen-router rule retrains experts and leaves every router kernel as it was."""
+    cfg = tiny_config("qwen2_moe", num_experts=8)
+    params = scaled_params(cfg)
+    digest = scoring.model_digest(cfg, params)
+    assert scoring.model_digest(cfg, jax.tree.map(np.array, params)) == digest  # same bytes, other arrays
+
+    def changed(path, e=None, delta=1e-3):
+        """params with one tensor (or one expert of it) nudged as a training step would."""
+        out = jax.tree.map(np.array, params)
+        node = out
+        for key in path[:-1]:
+            node = node[key]
+        arr = node[path[-1]]
+        if e is None:
+            arr += delta
+        else:
+            arr[e] += delta
+        return out
+
+    bucket = ("layer_0", "moe", "experts", "bucket_0")
+    for e in range(cfg.experts_per_layer[0]):  # every expert of the bucket, routers untouched
+        for name in ("gate", "up", "down"):
+            assert scoring.model_digest(cfg, changed((*bucket, name), e)) != digest, (e, name)
+    for path in jax.tree_util.tree_leaves_with_path(params):
+        keys = tuple(k.key for k in path[0])
+        assert scoring.model_digest(cfg, changed(keys)) != digest, keys
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    assert scoring.model_digest(cfg, bf16) != digest
+
+
 def test_scores_save_load_round_trip(tmp_path):
     cfg = tiny_config("mixtral")
     params = scaled_params(cfg)

@@ -229,12 +229,39 @@ class _State:
         return state
 
 
+_DIGEST_SAMPLES = 4096  # elements sampled per tensor; the leading (expert) axis is sampled first
+
+
+def _sample_strides(shape: tuple[int, ...], budget: int = _DIGEST_SAMPLES) -> tuple[int, ...]:
+    """Per-axis strides that pick at most ~`budget` elements of a tensor: up to 256 along the
+    leading axis (every expert of a bucket, so a retrained expert is seen), the rest spread evenly."""
+    strides = []
+    for axis, size in enumerate(shape):
+        axes_left = len(shape) - axis
+        count = min(size, 256, budget) if axis == 0 and axes_left > 1 else min(
+            size, max(1, round(budget ** (1 / axes_left))))
+        budget = max(1, budget // count)
+        strides.append(-(-size // count))
+    return tuple(strides)
+
+
+@jax.jit
+def _strided_samples(params: Params) -> Params:
+    return jax.tree.map(lambda x: x[tuple(slice(None, None, s) for s in _sample_strides(x.shape))], params)
+
+
 def model_digest(cfg: ModelConfig, params: Params) -> str:
-    """The config and a cheap digest of the weights (the router kernels decide everything scored
-    here): enough to tell scores of one model from another's."""
+    """The config and a strided sample of every tensor's bytes (with its path, shape and dtype):
+    cheap at any size, and different when any weight matrix changes as training changes it, so
+    cached scores are reused only for the same weights (experts retrained under frozen routers
+    included). Exact bytes, so the digest does not depend on how the params are sharded."""
     h = hashlib.blake2b(cfg.to_json().encode(), digest_size=8)
-    for i in cfg.moe_layers:
-        h.update(np.asarray(params[cfg.layer_name(i)]["moe"]["router"]["kernel"], np.float32).tobytes())
+    shapes = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    samples = {jax.tree_util.keystr(p): np.ascontiguousarray(x) for p, x in
+               jax.tree_util.tree_leaves_with_path(multihost.device_get(_strided_samples(params)))}
+    for name in sorted(samples):
+        h.update(f"{name}{shapes[name]}{samples[name].dtype}".encode())
+        h.update(samples[name].tobytes())
     return h.hexdigest()
 
 
