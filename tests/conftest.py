@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -56,30 +58,47 @@ def scaled_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.3) -> dict:
     return jax.tree_util.tree_map(lambda x: x * (scale / 0.02) if x.ndim > 1 else x, params)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-    """A JAX persistent compilation cache shared by the launcher subprocesses of this session.
+# Files whose fixtures run longest (a subprocess reproduction, the 8-device worker, notebook
+# kernels, two-process jax.distributed) go to the xdist workers first: with `--dist loadfile`
+# a long file started last becomes the suite's tail while the other core idles.
+SLOW_FILES_FIRST = ("test_reproduce.py", "test_sharding.py", "test_notebooks.py", "test_distributed.py")
+_CACHE_SETTINGS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "JAX_COMPILATION_CACHE_MAX_SIZE")
 
-    The launcher smokes (the quick reproduction's stages, tests/test_reproduce.py) and the notebooks'
-    kernels (tests/test_notebooks.py) spend most of their time compiling; many of their programs (the
-    skills_tiny model's generate and perplexity steps, the same eval prompts, the same pruned shapes)
-    recur across launchers and, for eager ops, inside one launcher. Cache entries are
-    keyed by the compiled program, so a changed computation still compiles afresh. Only subprocesses
-    and kernels see it: this process imported jax before the variables were set. An explicit
-    JAX_COMPILATION_CACHE_DIR in the environment is kept."""
-    settings = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_compilation_cache")),
-                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # every compile, even the small eager ones
-                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}  # no size floor
-    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
-        settings = {}
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    yield settings.get("JAX_COMPILATION_CACHE_DIR")
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+
+def pytest_configure(config):
+    """One JAX persistent compilation cache for the whole run: this process, every xdist worker
+    (they inherit the environment set here, before they start) and every subprocess they launch
+    (launcher smokes, the quick reproduction, notebook kernels, the sharding worker).
+
+    Many programs recur across them (the tiny configs' forward and generate steps, the
+    skills_tiny model's eval and scoring steps). Entries are keyed by the compiled program, so a
+    changed computation compiles afresh. A size cap turns on the cache's file lock, so workers
+    read and write it safely at once. A JAX_COMPILATION_CACHE_DIR already in the environment is
+    kept (and not deleted)."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (or a plain run): a fresh dir for this run
+        os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="moe_jax_test_jax_cache_"),
+                          JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",  # every compile, even small eager ones
+                          JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",  # no size floor
+                          JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
+        config._moe_jax_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    # jax read its settings when conftest imported it, before the variables above were set.
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    for name in _CACHE_SETTINGS[1:]:
+        if name in os.environ:
+            jax.config.update(name.lower(), int(os.environ[name]))
+
+
+def pytest_unconfigure(config):
+    cache_dir = getattr(config, "_moe_jax_cache_dir", None)
+    if cache_dir and not hasattr(config, "workerinput"):
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow files first (stable otherwise); every worker sorts the same way, as xdist requires."""
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture
