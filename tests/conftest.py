@@ -82,6 +82,8 @@ def pytest_configure(config):
                           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",  # no size floor
                           JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
         config._moe_jax_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if hasattr(config.option, "loadscopereorder"):  # xdist would reorder files by test count; keep ours
+        config.option.loadscopereorder = False
     # jax read its settings when conftest imported it, before the variables above were set.
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     for name in _CACHE_SETTINGS[1:]:
