@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
 import jax
 import pytest
@@ -61,9 +66,10 @@ def scaled_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.3) -> dict:
 # Files whose fixtures run longest (a subprocess reproduction, the 8-device worker, notebook
 # kernels, two-process jax.distributed) go to the xdist workers first: with `--dist loadfile`
 # a long file started last becomes the suite's tail while the other core idles.
-SLOW_FILES_FIRST = ("test_reproduce.py", "test_sharding.py", "test_notebooks.py", "test_distributed.py")
+SLOW_FILES_FIRST = ("test_reproduce.py", "test_sharding.py", "test_sharding_models.py", "test_notebooks.py",
+                    "test_distributed.py")
 _CACHE_SETTINGS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "JAX_COMPILATION_CACHE_MAX_SIZE")
+                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
 
 
 def pytest_configure(config):
@@ -79,8 +85,7 @@ def pytest_configure(config):
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (or a plain run): a fresh dir for this run
         os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="moe_jax_test_jax_cache_"),
                           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",  # every compile, even small eager ones
-                          JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",  # no size floor
-                          JAX_COMPILATION_CACHE_MAX_SIZE=str(8 << 30))
+                          JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")  # no size floor
         config._moe_jax_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
     if hasattr(config.option, "loadscopereorder"):  # xdist would reorder files by test count; keep ours
         config.option.loadscopereorder = False
@@ -133,3 +138,34 @@ def transformers_logits(path, tokens):
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     with torch.no_grad():
         return model(torch.tensor(tokens)).logits.numpy()
+
+
+# ------------------------------------------------------------------ the 8-device sharding worker
+SHARDING_MESHES = {"8x1": "data=8", "2x4": "data=2,expert=4", "1x8": "expert=8"}  # data x expert
+SHARDING_CHECK_GROUPS = {  # one worker process per group, each launched by its own test file
+    "matrix": tuple(f"{op}_{label}" for op in ("forward", "generate", "fisher", "train_step")
+                    for label in SHARDING_MESHES),
+    "models": ("forward_tensor", "generate_tensor", "params_sharded", "launch_place", "ep_layer", "pruned", "mla"),
+}
+
+
+def run_sharding_worker(group: str, out_dir: Path) -> dict:
+    """Run tests/sharding_worker.py's `group` in a process with 8 forced host devices; its results."""
+    repo = Path(__file__).resolve().parents[1]
+    out = out_dir / "results.json"
+    # Compiling is most of the worker's time. LLVM at -O0 without its expensive passes (what
+    # jax_disable_most_optimizations sets) halves it; that is CPU codegen only, so the SPMD partitioning
+    # under test is unchanged, and both sides of every comparison run in that process under these flags.
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 " \
+            "--xla_llvm_disable_expensive_passes=true"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "tests.sharding_worker", group, str(out)], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode or not out.exists():
+        pytest.fail(f"sharding worker {group!r} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                    f"{proc.stderr[-5000:]}")
+    results = json.loads(out.read_text())
+    print(f"sharding worker {group}:", {k: v.get("s") for k, v in results.items()},
+          "wall", round(time.perf_counter() - start, 1), "s")
+    return results
