@@ -105,17 +105,31 @@ def target_logprob(cfg: ModelConfig, params, rows: Rows, masks: Mapping | None =
                                       jnp.asarray(rows.target_BT), masks), np.float64)
 
 
+_WIDTH_MULTIPLE = 8  # generation rows are left-padded to a multiple of this (their count to a power of two)
+
+
 def generate_texts(cfg: ModelConfig, params, tokenizer, prompts: Sequence[Sequence[int]],
                    routes: Sequence[Routes] | None = None, masks: Mapping | None = None,
                    max_new_tokens: int = 16) -> list[str]:
-    """Greedy completions (up to EOS) with each prompt's routes forced during prefill."""
-    rows = layout(prompts, None, tokenizer.pad_id)
+    """Greedy completions (up to EOS) with each prompt's routes forced during prefill.
+
+    The batch is padded to a bucketed shape (extra rows repeat the first prompt and its routes;
+    their outputs are dropped), so an audit's many generation calls share a few compiled programs."""
+    n = len(prompts)
+    if n == 0:
+        raise ValueError("safety: need at least one prompt, and every prompt needs >= 1 token")
+    rows_B = 1 << (n - 1).bit_length()
+    prompts = list(prompts) + [prompts[0]] * (rows_B - n)
+    width = -(-max(len(p) for p in prompts) // _WIDTH_MULTIPLE) * _WIDTH_MULTIPLE
+    rows = layout(prompts, None, tokenizer.pad_id, width=width)
     if routes is not None:
-        masks = force_masks(cfg, rows, routes, masks)
+        if len(routes) != n:
+            raise ValueError(f"safety: {len(routes)} route assignments for {n} rows")
+        masks = force_masks(cfg, rows, list(routes) + [routes[0]] * (rows_B - n), masks)
     out = decode.generate(cfg, params, rows.tokens_BT, max_new_tokens, attention_mask=rows.attn_BT,
                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, masks=masks)
     texts = []
-    for ids in out:
+    for ids in out[:n]:
         ids = [int(i) for i in ids]
         ids = ids[:ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids
         texts.append(tokenizer.decode(ids))
