@@ -169,3 +169,10 @@ def run_sharding_worker(group: str, out_dir: Path) -> dict:
     print(f"sharding worker {group}:", {k: v.get("s") for k, v in results.items()},
           "wall", round(time.perf_counter() - start, 1), "s")
     return results
+
+
+def assert_sharding_check(results: dict, name: str) -> None:
+    """The worker's check `name` ran and passed (its traceback is the failure message)."""
+    result = results.get(name)
+    assert result is not None, f"check {name!r} did not run; ran {sorted(results)}"
+    assert result["ok"], result["detail"]

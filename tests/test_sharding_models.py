@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SHARDING_CHECK_GROUPS, run_sharding_worker
+from tests.conftest import SHARDING_CHECK_GROUPS, assert_sharding_check, run_sharding_worker
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,4 @@ def worker_results(tmp_path_factory):
 
 @pytest.mark.parametrize("name", SHARDING_CHECK_GROUPS["models"])
 def test_sharded_matches_single_device(worker_results, name):
-    result = worker_results.get(name)
-    assert result is not None, f"check {name!r} did not run; ran {sorted(worker_results)}"
-    assert result["ok"], result["detail"]
+    assert_sharding_check(worker_results, name)
