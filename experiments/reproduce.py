@@ -98,7 +98,7 @@ def main(argv: list[str]) -> None:
         for name in config.stages:
             run(name, model, model_id)
 
-    results = book.collect(workdir, config, records, failures, model, quick=config.quick,
+    results = book.collect(workdir, config, records, failures, stages.repo_relative(model, REPO), quick=config.quick,
                            seconds=time.time() - t0)
     atomic_write(workdir / "results.json", json.dumps(results, indent=1, allow_nan=False))
     atomic_write(workdir / "RESULTS.md", book.render(results))

@@ -118,6 +118,12 @@ def test_results_json_holds_every_number_versions_and_machine(run):
     assert results["machine"]["cpu_count"] == os.cpu_count() and results["machine"]["device_kind"]
     assert results["machine"]["platform"] and results["mode"] == "quick" and not results["failures"]
     assert list(results["stages"]) == list(STAGES)
+    # Records hold no machine path: the model relative to the repository, stage dirs under WORKDIR.
+    assert results["model"] == "checkpoints/skills_tiny"
+    for stage in STAGES:
+        marker = (run.dir / stage / "STAGE.json").read_text()
+        assert str(REPO) not in marker and str(run.dir) not in marker, marker
+        assert "--workdir" not in marker or f"--workdir=WORKDIR/{stage}" in marker, marker
     for stage in ("fisher_moe", "pathfinder", "trimming", "trim_latency", "audit"):
         assert results[stage] == json.loads((run.dir / stage / "report.json").read_text())
     assert set(results["prune"]["runs"]) == {"baseline", "fisher-expert_0.5", "fisher-global_0.5",

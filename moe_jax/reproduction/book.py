@@ -67,10 +67,10 @@ def _prune_results(stage_dir: Path) -> dict[str, Any]:
     return {"comparison": parse_tables(comparison), "runs": runs}
 
 
-def collect(workdir: Path, config, records: dict, failures: dict, model: Path, *, quick: bool,
+def collect(workdir: Path, config, records: dict, failures: dict, model: str, *, quick: bool,
             seconds: float) -> dict[str, Any]:
     """Everything the reproduction measured, as plain JSON types."""
-    out = {"mode": "quick" if quick else "full", "model": str(model), "seconds": seconds, "versions": versions(),
+    out = {"mode": "quick" if quick else "full", "model": model, "seconds": seconds, "versions": versions(),
            "machine": machine(), "stages": {}, "failures": failures}
     for name in config.stages:
         record, stage_dir = records.get(name), workdir / name

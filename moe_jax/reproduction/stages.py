@@ -81,13 +81,20 @@ def flag_args(overrides: Mapping[str, Any], prefix: str) -> list[str]:
     return out
 
 
+def repo_relative(path: Path, repo: Path) -> str:
+    """`path` relative to the repository when it lies inside it (stages run with cwd=repo), so
+    commands and records hold no machine paths; else as given."""
+    path = Path(path)
+    return str(path.relative_to(repo)) if path.is_relative_to(repo) else str(path)
+
+
 def command(stage: Stage, repo: Path, workdir: Path, overrides: Mapping[str, Any], model: Path | None) -> list[str]:
-    """The launcher's command line for this stage."""
-    args = [sys.executable, str(repo / stage.script)]
+    """The launcher's command line for this stage (run with cwd=repo)."""
+    args = [sys.executable, stage.script]
     if stage.config is not None:
-        args += [f"--config={repo / stage.config}", f"--workdir={workdir}"]
+        args += [f"--config={stage.config}", f"--workdir={workdir}"]
         if stage.uses_model and model is not None:
-            args.append(f"--config.model_path={model}")
+            args.append(f"--config.model_path={repo_relative(model, repo)}")
         args += flag_args(overrides, "--config.")
     else:
         args += flag_args(overrides, "--")
@@ -180,7 +187,8 @@ def run_stage(stage: Stage, repo: Path, workdir: Path, overrides: Mapping[str, A
     problems = check_outputs(stage, workdir)
     if problems:
         raise StageError(f"stage {stage.name!r}: {stage.script} finished but its outputs are bad: {problems}")
-    record = {"stage": stage.name, "fingerprint": fp, "command": args[1:], "seconds": time.time() - t0,
+    shown = [a.replace(str(workdir.parent), "WORKDIR") for a in args[1:]]  # the record names no machine path
+    record = {"stage": stage.name, "fingerprint": fp, "command": shown, "seconds": time.time() - t0,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": list(stage.outputs)}
     atomic_write(workdir / MARKER, json.dumps(record, indent=1))
     log(f"{stage.name}: done in {record['seconds']:.0f} s")
