@@ -79,10 +79,11 @@ def pytest_configure(config):
 
     Many programs recur across them (the tiny configs' forward and generate steps, the
     skills_tiny model's eval and scoring steps). Entries are keyed by the compiled program, so a
-    changed computation compiles afresh. Entries are written to a temporary name and renamed, so
-    processes share the directory safely; no size cap is set (a cap turns on a file lock and an
-    eviction pass that made the workers wait on each other). A JAX_COMPILATION_CACHE_DIR already
-    in the environment is kept (and not deleted)."""
+    changed computation compiles afresh. No size cap is set: a cap turns on a file lock and an
+    eviction pass that made the workers wait on each other. Without it an entry read while another
+    process writes it fails to decompress, and jax then warns and compiles (jax._src.compiler
+    `_cache_read`), so sharing stays correct. A JAX_COMPILATION_CACHE_DIR already in the
+    environment is kept (and not deleted)."""
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (or a plain run): a fresh dir for this run
         os.environ.update(JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="moe_jax_test_jax_cache_"),
                           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",  # every compile, even small eager ones
