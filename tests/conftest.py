@@ -115,22 +115,115 @@ def rng():
     return jax.random.PRNGKey(0)
 
 
-def random_hf_qwen2_moe(out_dir, **overrides):
-    """A tiny random Qwen2-MoE saved by transformers in `out_dir` (weights std 0.3 so that
-    routing matters); skips the test when torch/transformers are missing."""
+# Tiny Hugging Face configs of the families the HF-facing tests use (transformers class, kwargs).
+_HF_COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128)
+TINY_HF_CONFIGS = {
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=48, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=40, num_experts=8, num_experts_per_tok=2)),
+    "mixtral": ("MixtralConfig", dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)),
+    "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8,
+                                             qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48,
+                                             moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
+                                             n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2)),
+}
+
+
+def random_hf_checkpoint(out_dir, family: str = "qwen2_moe", **overrides):
+    """A tiny random checkpoint of `family` saved by transformers in `out_dir` (weights std 0.3 so
+    that routing matters); skips the test when torch/transformers are missing."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    kwargs = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=40, num_experts=8,
-                  num_experts_per_tok=2, max_position_embeddings=128)
-    kwargs.update(overrides)
+    cls_name, family_kwargs = TINY_HF_CONFIGS[family]
+    kwargs = {**_HF_COMMON, **family_kwargs, **overrides}
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2MoeConfig(**kwargs)).eval()
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**kwargs)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.uniform_(0.8, 1.2) if "norm" in name else p.normal_(0.0, 0.3 if p.ndim > 1 else 0.1)
+        for name, b in model.named_buffers():
+            if "e_score_correction_bias" in name:
+                b.normal_(0.0, 0.1)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def random_hf_qwen2_moe(out_dir, **overrides):
+    return random_hf_checkpoint(out_dir, "qwen2_moe", **overrides)
+
+
+_TOKENIZER_TEXT = ("Question: what is two plus three? Answer: five #### 5",
+                   "The quick brown fox jumps over the lazy dog near the river bank.",
+                   "Experts route tokens; a router picks the top two experts for each token.")
+
+
+def write_bpe_tokenizer(out_dir, *, add_bos: bool, vocab_size: int = 120) -> int:
+    """A small BPE tokenizer (sentencepiece-style spaces) written as tokenizer.json +
+    tokenizer_config.json, which transformers' AutoTokenizer loads; with `add_bos` its
+    post-processor prepends <s> as Llama's and DeepSeek's do. Returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.train_from_iterator(list(_TOKENIZER_TEXT) * 20, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return tok.get_vocab_size()
+
+
+_MC_ROWS = [{"q": "The quick brown fox jumps over the", "choices": ["lazy dog", "river bank", "top two"], "label": 0},
+            {"q": "A router picks the", "choices": ["top two experts", "quick fox", "lazy river"], "label": 0},
+            {"q": "Experts route", "choices": ["tokens", "dogs", "banks"], "label": 1},
+            {"q": "what is two plus", "choices": ["three", "five", "fox"], "label": 2}]
+_QA_ROWS = [{"question": f"what is {a} plus {b}?", "answer": f"{w} #### {a_n + b_n}"}
+            for (a, a_n), (b, b_n), w in ((("two", 2), ("three", 3), "five"), (("two", 2), ("two", 2), "four"),
+                                          (("three", 3), ("three", 3), "six"), (("one", 1), ("one", 1), "two"),
+                                          (("one", 1), ("two", 2), "three"))]
+_TEXT_ROWS = [{"text": " ".join([_TOKENIZER_TEXT[1]] * k)} for k in (1, 3, 5)]
+LM_EVAL_TASKS = ("tiny_mc", "tiny_gsm", "tiny_text")
+
+
+def write_lm_eval_tasks(root) -> Path:
+    """Local lm-eval tasks of the three request types over JSON-lines files in `root` (use it as
+    `include_path`): tiny_mc (multiple choice: loglikelihood), tiny_gsm (generate_until, GSM8K-style
+    few-shot prompt, stop strings and a `#### n` regex filter), tiny_text (loglikelihood_rolling over
+    documents longer than a small max_length)."""
+    import yaml
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, rows in (("mc", _MC_ROWS), ("qa", _QA_ROWS), ("text", _TEXT_ROWS)):
+        files[name] = root / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = lambda **splits: dict(dataset_path="json", dataset_kwargs={"data_files": {
+        k: str(v) for k, v in splits.items()}}, test_split="test")
+    metrics = lambda *names: [{"metric": n} for n in names]
+    tasks = {
+        "tiny_mc": dict(source(test=files["mc"]), output_type="multiple_choice", doc_to_text="{{q}}",
+                        doc_to_choice="{{choices}}", doc_to_target="label", metric_list=metrics("acc", "acc_norm")),
+        "tiny_gsm": dict(source(train=files["qa"], test=files["qa"]), training_split="train", fewshot_split="train",
+                         output_type="generate_until", doc_to_text="Question: {{question}}\nAnswer:",
+                         doc_to_target=" {{answer}}", target_delimiter="", fewshot_delimiter="\n\n",
+                         generation_kwargs={"until": ["\n\n", "Question:"], "do_sample": False, "max_gen_toks": 12},
+                         filter_list=[{"name": "strict-match", "filter": [
+                             {"function": "regex", "regex_pattern": r"#### (\-?[0-9\.\,]+)"},
+                             {"function": "take_first"}]}],
+                         metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]),
+        "tiny_text": dict(source(test=files["text"]), output_type="loglikelihood_rolling", doc_to_text="",
+                          doc_to_target="{{text}}", metric_list=metrics("word_perplexity", "byte_perplexity",
+                                                                         "bits_per_byte")),
+    }
+    for name, spec in tasks.items():
+        (root / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **spec}, sort_keys=False))
+    return root
 
 
 def transformers_logits(path, tokens):

@@ -1,0 +1,276 @@
+"""`MoeJaxLM`: EleutherAI's lm-evaluation-harness evaluates any moe_jax model (name `moe_jax`).
+
+Every convention that decides a score is the HF backend's (`lm_eval.models.huggingface.HFLM`,
+lm-eval 0.4.13), so a moe_jax model and its Hugging Face export score the same per request:
+the tokenizer is the checkpoint's own (transformers' AutoTokenizer, so its post-processor adds a
+BOS where it does), contexts and continuations are split by `TemplateLM._encode_pair` (trailing
+context whitespace moves to the continuation), an empty context is the prefix token (BOS, else
+EOS), too-long inputs lose tokens on the left, rolling loglikelihoods use lm-eval's disjoint
+windows, and `generate_until` decodes greedily, cuts at EOS and at the first stop string.
+
+What differs is speed: requests are sorted and padded to power-of-two buckets (`batching`), so an
+evaluation compiles a few programs; log-probabilities are gathered on the device, so only (B, T)
+numbers come back; generation uses the KV-cached `model.generate`. Pruning plans and trimming
+policies apply as masks on the unpruned weights, so one compilation serves every plan.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (
+    _add_special_kwargs,
+    configure_pad_token,
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+    resolve_max_length,
+)
+
+from moe_jax import hf, model, sharding
+from moe_jax.config import ModelConfig
+from moe_jax.harness import batching
+from moe_jax.pruning.plan import PruningPlan
+from moe_jax.pruning.plan import masks as plan_masks
+from moe_jax.trimming.policy import TrimmingPolicy
+
+
+class HarnessError(ValueError):
+    """A request, model or argument the adapter cannot evaluate; the message names it."""
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"))
+def _token_scores(cfg, params, tokens_BT, targets_BT, valid_BT, masks, impl):
+    """(log p(target) per position, target == argmax per position), both (B, T)."""
+    logits_BTV = model.forward(cfg, params, tokens_BT, masks, attention_mask=valid_BT, impl=impl)
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return logp_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
+
+
+@register_model("moe_jax")
+class MoeJaxLM(TemplateLM):
+    """lm-eval model over (cfg, params) of any moe_jax model: unpruned with masks, compacted,
+    non-uniform or trimmed. `tokenizer` is a transformers tokenizer (the checkpoint's own)."""
+
+    def __init__(self, cfg: ModelConfig, params: Mapping[str, Any], tokenizer, *, masks: dict | None = None,
+                 batch_size: int = 8, max_length: int | None = None, max_gen_toks: int = 256,
+                 add_bos_token: bool | None = None, prefix_token_id: int | None = None, impl: str = "auto",
+                 mesh: str | None = None):
+        super().__init__()
+        if not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "decode") or not callable(tokenizer):
+            raise HarnessError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+        if len(tokenizer) > cfg.vocab_size:
+            raise HarnessError(f"the tokenizer has {len(tokenizer)} ids but the model's vocabulary has "
+                               f"{cfg.vocab_size}: ids past {cfg.vocab_size - 1} would index outside the "
+                               "embedding (pass the model's own tokenizer)")
+        if int(batch_size) < 1 or int(max_gen_toks) < 1:
+            raise HarnessError(f"batch_size={batch_size} and max_gen_toks={max_gen_toks} must be >= 1")
+        self.cfg, self.params, self.masks, self.impl = cfg, params, masks, impl
+        self.tokenizer = configure_pad_token(tokenizer)
+        if self.tokenizer.eos_token_id is None:
+            raise HarnessError("the tokenizer has no EOS token; lm-eval needs one (end of text, stop string)")
+        self.batch_size_per_gpu = self._batch_size = int(batch_size)
+        self.add_bos_token = add_bos_token
+        self.custom_prefix_token_id = prefix_token_id
+        self._max_gen_toks = int(max_gen_toks)
+        self._max_length = int(max_length) if max_length else resolve_max_length(
+            SimpleNamespace(max_position_embeddings=cfg.max_position_embeddings), self.tokenizer)
+        self.mesh = None
+        if mesh:  # rows over the batch axes, weights by the partition rules, as the launchers do
+            self.mesh = sharding.make_mesh(mesh)
+            sharding.check_mesh_fits(cfg, self.mesh)
+            self.params = sharding.shard_params(params, self.mesh)
+            self.masks = jax.device_put(masks, sharding.replicated(self.mesh))
+
+    # -------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "float32", tokenizer: str | None = None,
+                        plan: str | os.PathLike | None = None, trimming: str | os.PathLike | None = None,
+                        **kwargs) -> MoeJaxLM:
+        """A Hugging Face checkpoint (or a moe_jax export of any shape) with its own tokenizer.
+
+        plan: a PruningPlan JSON, simulated with masks on these (unpruned) weights.
+        trimming: a TrimmingPolicy JSON; its routers must be these (frozen-router rule)."""
+        cfg, params = hf.load_pretrained(path, dtype=dtype)
+        tok_kwargs = {} if kwargs.get("add_bos_token") is None else {"add_bos_token": kwargs["add_bos_token"]}
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer or path), **tok_kwargs)
+        except (OSError, ValueError) as err:
+            raise HarnessError(f"{tokenizer or path}: no tokenizer transformers can load ({err}); pass "
+                               "tokenizer=<directory with tokenizer.json>") from None
+        masks = plan_masks(cfg, PruningPlan.load(plan)) if plan else None
+        if trimming:
+            masks = TrimmingPolicy.load(trimming).masks(cfg, params, base=masks)
+        return cls(cfg, params, tok, masks=masks, **kwargs)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> MoeJaxLM:
+        """`lm_eval --model moe_jax --model_args pretrained=DIR,plan=PLAN.json,...`."""
+        args = lm_utils.simple_parse_args_string(arg_string)
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        extra.pop("device", None)  # JAX places the model on its own devices
+        extra.pop("max_batch_size", None)
+        if str(extra.get("batch_size", "")).startswith("auto"):
+            extra.pop("batch_size")  # fixed batches keep the compiled programs few
+        if "pretrained" not in args:
+            raise HarnessError(f"model_args {arg_string!r}: pretrained=<checkpoint directory> is required")
+        return cls.from_pretrained(args.pop("pretrained"), **{**args, **extra})
+
+    # -------------------------------------------------------------- lm-eval's properties
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        if self.custom_prefix_token_id is not None:
+            return self.custom_prefix_token_id
+        if self.tokenizer.bos_token_id is not None:
+            return self.tokenizer.bos_token_id
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    # -------------------------------------------------------------- tokens
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs) -> list[int]:
+        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            special["add_special_tokens"] = False
+        ids = self.tokenizer.encode(string, **special)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def _batch_encode(self, strings: Sequence[str]) -> list[list[int]]:
+        """As HFLM.tok_batch_encode: the first string decides whether special tokens are added."""
+        if has_bos_prefix(strings[0], getattr(self.tokenizer, "bos_token", None)):
+            special = {"add_special_tokens": False}
+        elif self.add_bos_token is not None:
+            special = {"add_special_tokens": self.add_bos_token}
+        else:
+            special = {}
+        return [self.tokenizer.encode(s, **special) for s in strings]
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # -------------------------------------------------------------- scoring
+    def _score_batch(self, batch: batching.ScoreBatch) -> tuple[np.ndarray, np.ndarray]:
+        args = (batch.tokens_BT, batch.targets_BT, batch.valid_BT)
+        if self.mesh is None:
+            return jax.device_get(_token_scores(self.cfg, self.params, *args, self.masks, self.impl))
+        with jax.set_mesh(self.mesh):
+            args = jax.device_put(args, sharding.batch_sharding(self.mesh, self.batch_size))
+            return jax.device_get(_token_scores(self.cfg, self.params, *args, self.masks, self.impl))
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(sum of continuation log-probs, every continuation token is the argmax) per request."""
+        pairs = [(list(ctx), list(cont)) for _, ctx, cont in requests]
+        for i, (ctx, cont) in enumerate(pairs):
+            if not ctx or not cont:
+                raise HarnessError(f"request {i} ({requests[i][0]!r}) has an empty context or continuation "
+                                   "after tokenization")
+            if len(cont) > self.max_length:
+                raise HarnessError(f"request {i}: its continuation has {len(cont)} tokens, more than "
+                                   f"max_length={self.max_length}")
+        order = batching.longest_first([len(c) + len(t) for c, t in pairs], [tuple(c + t) for c, t in pairs])
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        for chunk in batching.chunks(order, self.batch_size):
+            batch = batching.score_rows([pairs[i] for i in chunk], self.max_length, self.batch_size)
+            logp_BT, greedy_BT = self._score_batch(batch)
+            for b, i in enumerate(chunk):
+                scored = batch.score_BT[b]
+                results[i] = (float(logp_BT[b][scored].astype(np.float64).sum()), bool(greedy_BT[b][scored].all()))
+                if requests[i][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Total log-likelihood of each text over lm-eval's disjoint windows of max_length tokens."""
+        windows, owner = [], []
+        for r, (string,) in enumerate(req.args for req in requests):
+            pieces = lm_utils.get_rolling_token_windows(token_list=self.tok_encode(string),
+                                                        prefix_token=self.prefix_token_id,
+                                                        max_seq_len=self.max_length, context_len=1)
+            for context, continuation in map(lm_utils.make_disjoint_window, pieces):
+                windows.append((None, context, continuation))
+                owner.append(r)
+        totals = [0.0] * len(requests)
+        for r, (logp, _) in zip(owner, self._loglikelihood_tokens(windows), strict=True):
+            totals[r] += logp
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # -------------------------------------------------------------- generation
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations (sampling when a task asks for it), cut at EOS and the first stop string."""
+        args = [req.args for req in requests]
+        groups: dict[str, list[int]] = {}
+        for i, (_, gen_kwargs) in enumerate(args):
+            if not isinstance(gen_kwargs, dict):
+                raise HarnessError(f"request {i}: generation kwargs must be a dict, got {gen_kwargs!r}")
+            groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        results: list[str | None] = [None] * len(args)
+        for members in groups.values():
+            kwargs = normalize_gen_kwargs(args[members[0]][1], self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen_toks = int(kwargs.pop("max_gen_toks"))
+            max_ctx_len = self.max_length - max_gen_toks
+            if max_ctx_len < 1:
+                raise HarnessError(f"max_gen_toks={max_gen_toks} leaves no room for a prompt within "
+                                   f"max_length={self.max_length}")
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+            contexts = [args[i][0] for i in members]
+            lengths = [len(self.tok_encode(c)) for c in contexts]
+            order = batching.longest_first(lengths, contexts)
+            for chunk in batching.chunks(order, self.batch_size):
+                prompts = [ids[-max_ctx_len:] for ids in self._batch_encode([contexts[j] for j in chunk])]
+                tokens_BT, valid_BT = batching.prompt_rows(prompts, self.max_length, self.batch_size,
+                                                           pad_id=self.tokenizer.pad_token_id)
+                out_BN = self._generate(tokens_BT, valid_BT, max_gen_toks, temperature)
+                for b, j in enumerate(chunk):
+                    ids = list(out_BN[b])
+                    if self.eot_token_id in ids:
+                        ids = ids[:ids.index(self.eot_token_id)]
+                    text = postprocess_generated_text(self.tok_decode(ids), stop=until, think_end_token=None)
+                    results[members[j]] = text
+                    self.cache_hook.add_partial("generate_until", args[members[j]], text)
+        return results
+
+    def _generate(self, tokens_BT, valid_BT, max_new_tokens: int, temperature: float) -> np.ndarray:
+        call = functools.partial(model.generate, self.cfg, self.params, tokens_BT, max_new_tokens,
+                                 temperature=temperature, attention_mask=valid_BT, eos_id=self.eot_token_id,
+                                 pad_id=self.tokenizer.pad_token_id, masks=self.masks, impl=self.impl)
+        if self.mesh is None:
+            return np.asarray(call())
+        with jax.set_mesh(self.mesh):
+            return np.asarray(call(cache_axes=sharding.cache_axes(self.cfg, self.mesh, self.batch_size)))

@@ -1,0 +1,188 @@
+"""moe_jax.harness.MoeJaxLM against lm-eval's own HF backend (HFLM), the independent oracle.
+
+Both evaluate the same tiny random checkpoint (written by transformers) with the same tokenizer
+on local tasks of the three request types, through `lm_eval.simple_evaluate`; every request's
+result and every metric must agree. Then what only moe_jax can evaluate: a non-uniform pruning
+plan as masks equals the compacted model, a trimming policy changes exactly what it should, and
+bad input fails with a message naming it. Everything runs offline.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lm_eval")
+torch = pytest.importorskip("torch")
+pytest.importorskip("accelerate")
+
+from lm_eval import evaluator  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from moe_jax import hf, pruning  # noqa: E402
+from moe_jax.harness import HarnessError, MoeJaxLM  # noqa: E402
+from moe_jax.pruning import PlanError, PruningPlan  # noqa: E402
+from moe_jax.trimming import LayerTrim, TrimmingPolicy  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    LM_EVAL_TASKS,
+    random_hf_checkpoint,
+    write_bpe_tokenizer,
+    write_lm_eval_tasks,
+)
+
+MAX_LENGTH = 32  # small, so rolling documents span several windows and long prompts are truncated
+# family -> does its tokenizer add BOS (Mixtral's and DeepSeek's do, Qwen's does not)
+FAMILIES = {"qwen2_moe": False, "mixtral": True, "deepseek_v3": True}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+
+
+def checkpoint(tmp_path, family: str):
+    out = tmp_path / family
+    random_hf_checkpoint(out, family, vocab_size=128)
+    write_bpe_tokenizer(out, add_bos=FAMILIES[family])
+    return out
+
+
+def evaluate(lm, tasks_dir):
+    return evaluator.simple_evaluate(model=lm, tasks=list(LM_EVAL_TASKS), task_manager=TaskManager(
+        include_path=str(tasks_dir)), log_samples=True, bootstrap_iters=0, random_seed=0)
+
+
+def flat_responses(result, task):
+    """Per request: the model's raw response (a (logprob, is_greedy) pair, a float or a string)."""
+    return [resp for sample in result["samples"][task] for resp in sample["resps"]]
+
+
+def assert_same_responses(theirs, ours, atol=1e-4):
+    assert len(theirs) == len(ours)
+    for t, o in zip(theirs, ours, strict=True):
+        t, o = t[0], o[0]
+        if isinstance(t, str):
+            assert o == t
+        elif isinstance(t, tuple):
+            assert abs(o[0] - t[0]) <= atol and o[1] == t[1], (t, o)
+        else:
+            assert abs(o - t) <= atol, (t, o)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_request_and_metric_matches_lm_evals_hf_backend(family, tmp_path):
+    path, tasks = checkpoint(tmp_path, family), write_lm_eval_tasks(tmp_path / "tasks")
+    oracle = HFLM(pretrained=str(path), device="cpu", dtype="float32", batch_size=3, max_length=MAX_LENGTH)
+    ours = MoeJaxLM.from_pretrained(path, batch_size=3, max_length=MAX_LENGTH)
+    assert ours.tok_encode("what is two plus three?") == oracle.tok_encode("what is two plus three?")
+    assert (ours.tok_encode("fox")[0] == 1) == FAMILIES[family]  # BOS exactly where the tokenizer adds one
+    theirs, mine = evaluate(oracle, tasks), evaluate(ours, tasks)
+    for task in LM_EVAL_TASKS:
+        assert_same_responses(flat_responses(theirs, task), flat_responses(mine, task))
+        for key, value in theirs["results"][task].items():
+            if isinstance(value, float):
+                assert mine["results"][task][key] == pytest.approx(value, rel=1e-5), (task, key)
+            else:
+                assert mine["results"][task][key] == value, (task, key)
+    # Several rolling windows per document, and left truncation of a few-shot prompt, were exercised.
+    text = max(s["doc"]["text"] for s in theirs["samples"]["tiny_text"])
+    assert len(ours.tok_encode(text)) > 3 * MAX_LENGTH
+    assert max(len(ours.tok_encode(s["arguments"][0][0])) for s in mine["samples"]["tiny_gsm"]) > MAX_LENGTH - 12
+
+    # is_greedy is True on what the model itself generates, in both backends.
+    contexts = ["The quick brown fox", "Experts route", "A router picks the", "what is two plus"]
+    generated = ours.generate_until([Instance("generate_until", {}, (c, {"until": ["\n\n"], "max_gen_toks": 6}), i)
+                                     for i, c in enumerate(contexts)])
+    assert generated == oracle.generate_until([Instance("generate_until", {}, (c, {"until": ["\n\n"],
+                                                                                    "max_gen_toks": 6}), i)
+                                               for i, c in enumerate(contexts)])
+    requests = [Instance("loglikelihood", {}, (c, g), i) for i, (c, g) in enumerate(zip(contexts, generated))
+                if g.strip()]
+    got, want = ours.loglikelihood(requests), oracle.loglikelihood(requests)
+    assert_same_responses([(w,) for w in want], [(g,) for g in got])
+    assert any(is_greedy for _, is_greedy in got)
+
+
+def small_plan(cfg) -> PruningPlan:
+    """A non-uniform plan by hand: per layer one expert removed, the others keep different dims."""
+    rng = np.random.default_rng(0)
+    experts, dims = {}, {}
+    for layer in cfg.moe_layers:
+        widths = cfg.expert_widths[layer]
+        kept = tuple(e for e in range(len(widths)) if e != layer % len(widths))
+        experts[layer] = kept
+        dims[layer] = {e: tuple(sorted(rng.choice(widths[e], size=max(1, widths[e] - 2 - e % 3), replace=False)
+                                       .tolist())) for e in kept}
+    return PruningPlan("hand", "global", 0.3, {i: tuple(cfg.expert_widths[i]) for i in cfg.moe_layers}, experts, dims)
+
+
+def requests_of(texts):
+    return [Instance("loglikelihood", {}, (ctx, cont), i) for i, (ctx, cont) in enumerate(texts)]
+
+
+PAIRS = [("The quick brown fox", " jumps over the lazy dog"), ("Experts route", " tokens"),
+         ("what is two plus three?", " five"), ("", "A router picks the top two experts")]
+
+
+def test_plan_masks_equal_the_compacted_model_and_trimming_changes_scores(tmp_path):
+    path = checkpoint(tmp_path, "qwen2_moe")
+    cfg, params = hf.load_pretrained(path, dtype="float32")
+    plan = small_plan(cfg)
+    plan.save(tmp_path / "plan.json")
+    masked = MoeJaxLM.from_pretrained(path, plan=tmp_path / "plan.json", batch_size=2, max_length=MAX_LENGTH)
+    cfg_c, params_c = pruning.apply(cfg, params, plan)
+    assert len(set(cfg_c.expert_widths[cfg.moe_layers[0]])) > 1  # non-uniform widths
+    compacted = MoeJaxLM(cfg_c, params_c, masked.tokenizer, batch_size=2, max_length=MAX_LENGTH)
+    unpruned = MoeJaxLM(cfg, params, masked.tokenizer, batch_size=2, max_length=MAX_LENGTH)
+    requests = requests_of(PAIRS)
+    a, b, full = masked.loglikelihood(requests), compacted.loglikelihood(requests), unpruned.loglikelihood(requests)
+    assert_same_responses([(x,) for x in a], [(y,) for y in b])
+    assert max(abs(x[0] - y[0]) for x, y in zip(a, full)) > 1e-2  # the plan did change the model
+
+    # A policy that keeps each token's top expert only changes every multi-token score; the identity
+    # policy (tau 0, top-p 1) changes nothing. Both are checked against the unpruned routers.
+    TrimmingPolicy.for_model(cfg, params, LayerTrim(max_active=1)).save(tmp_path / "top1.json")
+    TrimmingPolicy.for_model(cfg, params, LayerTrim()).save(tmp_path / "identity.json")
+    top1 = MoeJaxLM.from_pretrained(path, trimming=tmp_path / "top1.json", batch_size=2, max_length=MAX_LENGTH)
+    same = MoeJaxLM.from_pretrained(path, trimming=tmp_path / "identity.json", batch_size=2, max_length=MAX_LENGTH)
+    assert_same_responses([(x,) for x in full], [(y,) for y in same.loglikelihood(requests)], atol=1e-6)
+    assert all(abs(x[0] - y[0]) > 1e-3 for x, y in zip(full, top1.loglikelihood(requests)))
+    # Plan and policy compose (masks merged), and the policy refuses routers it was not calibrated on.
+    both = MoeJaxLM.from_pretrained(path, plan=tmp_path / "plan.json", trimming=tmp_path / "top1.json",
+                                    batch_size=2, max_length=MAX_LENGTH)
+    assert both.loglikelihood(requests[:1])[0][0] != pytest.approx(a[0][0], abs=1e-3)
+
+
+def test_bad_input_is_named(tmp_path):
+    path = checkpoint(tmp_path, "qwen2_moe")
+    lm = MoeJaxLM.from_pretrained(path, batch_size=2, max_length=MAX_LENGTH)
+    other = tmp_path / "other"
+    random_hf_checkpoint(other, "mixtral", vocab_size=128)
+    cfg_other, _ = hf.load_pretrained(other, dtype="float32")
+    small_plan(cfg_other).save(tmp_path / "other_plan.json")
+    with pytest.raises(PlanError, match="expert widths"):
+        MoeJaxLM.from_pretrained(path, plan=tmp_path / "other_plan.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(PlanError, match="broken.json"):
+        MoeJaxLM.from_pretrained(path, plan=tmp_path / "broken.json")
+    # A tokenizer with more ids than the model's vocabulary.
+    big = tmp_path / "big_tok"
+    write_bpe_tokenizer(big, add_bos=False, vocab_size=200)
+    with pytest.raises(HarnessError, match="ids but the model's vocabulary has 128"):
+        MoeJaxLM.from_pretrained(path, tokenizer=str(big))
+    # No room to generate: max_gen_toks >= max_length.
+    request = Instance("generate_until", {}, ("Question: what", {"until": ["\n"], "max_gen_toks": MAX_LENGTH}), 0)
+    with pytest.raises(HarnessError, match=f"max_gen_toks={MAX_LENGTH} leaves no room"):
+        lm.generate_until([request])
+    with pytest.raises(HarnessError, match="pretrained=<checkpoint directory> is required"):
+        MoeJaxLM.create_from_arg_string("batch_size=2")
+    assert json.loads((path / "config.json").read_text())  # nothing was written into the checkpoint
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                      "tokenizer.json", "tokenizer_config.json"]
