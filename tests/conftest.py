@@ -73,8 +73,9 @@ _CACHE_SETTINGS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPIL
 
 
 def pytest_configure(config):
-    """One JAX persistent compilation cache for the whole run: this process, every xdist worker
-    (they inherit the environment set here, before they start) and every subprocess they launch
+    """Offline Hugging Face settings and one JAX persistent compilation cache for the whole run:
+    this process, every xdist worker (they inherit the environment set here, before they start)
+    and every subprocess they launch
     (launcher smokes, the quick reproduction, notebook kernels, the sharding worker).
 
     Many programs recur across them (the tiny configs' forward and generate steps, the
@@ -89,6 +90,14 @@ def pytest_configure(config):
                           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",  # every compile, even small eager ones
                           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")  # no size floor
         config._moe_jax_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if "MOE_JAX_TEST_HF_HOME" not in os.environ:  # the controller: an empty Hugging Face home for this run
+        os.environ["MOE_JAX_TEST_HF_HOME"] = tempfile.mkdtemp(prefix="moe_jax_test_hf_home_")
+        config._moe_jax_hf_home = os.environ["MOE_JAX_TEST_HF_HOME"]
+    # Offline, with empty caches: a test never reaches the network nor a cache of this machine. Set
+    # before any test module imports datasets / huggingface_hub, which read these at import.
+    os.environ.update(HF_HOME=os.environ["MOE_JAX_TEST_HF_HOME"], HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                      TRANSFORMERS_OFFLINE="1")
+    os.environ.pop("HF_DATASETS_CACHE", None)
     if hasattr(config.option, "loadscopereorder"):  # xdist would reorder files by test count; keep ours
         config.option.loadscopereorder = False
     # jax read its settings when conftest imported it, before the variables above were set.
@@ -99,9 +108,10 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    cache_dir = getattr(config, "_moe_jax_cache_dir", None)
-    if cache_dir and not hasattr(config, "workerinput"):
-        shutil.rmtree(cache_dir, ignore_errors=True)
+    for name in ("_moe_jax_cache_dir", "_moe_jax_hf_home"):
+        made = getattr(config, name, None)
+        if made and not hasattr(config, "workerinput"):
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -205,11 +215,14 @@ def write_lm_eval_tasks(root) -> Path:
         files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     source = lambda **splits: dict(dataset_path="json", dataset_kwargs={"data_files": {
         k: str(v) for k, v in splits.items()}}, test_split="test")
-    metrics = lambda *names: [{"metric": n} for n in names]
+    metrics = lambda *names: [{"metric": n, "aggregation": "mean" if n.startswith("acc") else (
+        "bits_per_byte" if n == "bits_per_byte" else "weighted_perplexity"), "higher_is_better": n.startswith("acc")}
+        for n in names]
     tasks = {
         "tiny_mc": dict(source(test=files["mc"]), output_type="multiple_choice", doc_to_text="{{q}}",
                         doc_to_choice="{{choices}}", doc_to_target="label", metric_list=metrics("acc", "acc_norm")),
         "tiny_gsm": dict(source(train=files["qa"], test=files["qa"]), training_split="train", fewshot_split="train",
+                         num_fewshot=2,
                          output_type="generate_until", doc_to_text="Question: {{question}}\nAnswer:",
                          doc_to_target=" {{answer}}", target_delimiter="", fewshot_delimiter="\n\n",
                          generation_kwargs={"until": ["\n\n", "Question:"], "do_sample": False, "max_gen_toks": 12},

@@ -4,12 +4,16 @@ Both evaluate the same tiny random checkpoint (written by transformers) with the
 on local tasks of the three request types, through `lm_eval.simple_evaluate`; every request's
 result and every metric must agree. Then what only moe_jax can evaluate: a non-uniform pruning
 plan as masks equals the compacted model, a trimming policy changes exactly what it should, and
-bad input fails with a message naming it. Everything runs offline.
+bad input fails with a message naming it. Everything runs offline (conftest.py sets it).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +25,9 @@ pytest.importorskip("accelerate")
 from lm_eval import evaluator  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
 
 from moe_jax import hf, pruning  # noqa: E402
-from moe_jax.harness import HarnessError, MoeJaxLM  # noqa: E402
+from moe_jax.harness import HarnessError, MoeJaxLM, load_tasks, task_manager  # noqa: E402
 from moe_jax.pruning import PlanError, PruningPlan  # noqa: E402
 from moe_jax.trimming import LayerTrim, TrimmingPolicy  # noqa: E402
 from tests.conftest import (  # noqa: E402
@@ -34,17 +37,17 @@ from tests.conftest import (  # noqa: E402
     write_lm_eval_tasks,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 32  # small, so rolling documents span several windows and long prompts are truncated
 # family -> does its tokenizer add BOS (Mixtral's and DeepSeek's do, Qwen's does not)
 FAMILIES = {"qwen2_moe": False, "mixtral": True, "deepseek_v3": True}
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    """(task directory, lm-eval's task index including it): indexing reads every stock task YAML, so once."""
+    root = write_lm_eval_tasks(tmp_path_factory.mktemp("tasks"))
+    return root, task_manager(root)
 
 
 def checkpoint(tmp_path, family: str):
@@ -54,9 +57,9 @@ def checkpoint(tmp_path, family: str):
     return out
 
 
-def evaluate(lm, tasks_dir):
-    return evaluator.simple_evaluate(model=lm, tasks=list(LM_EVAL_TASKS), task_manager=TaskManager(
-        include_path=str(tasks_dir)), log_samples=True, bootstrap_iters=0, random_seed=0)
+def evaluate(lm, manager):
+    return evaluator.simple_evaluate(model=lm, tasks=list(LM_EVAL_TASKS), task_manager=manager, log_samples=True,
+                                     bootstrap_iters=0, random_seed=0)
 
 
 def flat_responses(result, task):
@@ -77,13 +80,13 @@ def assert_same_responses(theirs, ours, atol=1e-4):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_every_request_and_metric_matches_lm_evals_hf_backend(family, tmp_path):
-    path, tasks = checkpoint(tmp_path, family), write_lm_eval_tasks(tmp_path / "tasks")
+def test_every_request_and_metric_matches_lm_evals_hf_backend(family, tmp_path, tasks):
+    path, manager = checkpoint(tmp_path, family), tasks[1]
     oracle = HFLM(pretrained=str(path), device="cpu", dtype="float32", batch_size=3, max_length=MAX_LENGTH)
     ours = MoeJaxLM.from_pretrained(path, batch_size=3, max_length=MAX_LENGTH)
     assert ours.tok_encode("what is two plus three?") == oracle.tok_encode("what is two plus three?")
     assert (ours.tok_encode("fox")[0] == 1) == FAMILIES[family]  # BOS exactly where the tokenizer adds one
-    theirs, mine = evaluate(oracle, tasks), evaluate(ours, tasks)
+    theirs, mine = evaluate(oracle, manager), evaluate(ours, manager)
     for task in LM_EVAL_TASKS:
         assert_same_responses(flat_responses(theirs, task), flat_responses(mine, task))
         for key, value in theirs["results"][task].items():
@@ -186,3 +189,58 @@ def test_bad_input_is_named(tmp_path):
     assert json.loads((path / "config.json").read_text())  # nothing was written into the checkpoint
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                       "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_tasks_load_before_any_model_and_bad_ones_are_named(tmp_path):
+    root = write_lm_eval_tasks(tmp_path / "tasks")
+    manager = task_manager(root)
+    assert sorted(load_tasks(["tiny_mc", "tiny_gsm"], manager)) == ["tiny_gsm", "tiny_mc"]
+    with pytest.raises(HarnessError, match=r"unknown lm-eval task\(s\) \['tiny_mcq'\]"):
+        load_tasks(["tiny_mcq"], manager)
+    with pytest.raises(HarnessError, match="not a directory"):
+        task_manager(tmp_path / "nowhere")
+    (root / "mc.jsonl").unlink()
+    with pytest.raises(HarnessError, match=r"task 'tiny_mc': cannot load its data \(dataset json, files .*mc.jsonl"):
+        load_tasks(["tiny_mc"], manager)
+    # A stock task whose dataset is not cached: offline, the error names it and says how to provide it.
+    with pytest.raises(HarnessError, match=r"(?s)task 'arc_easy'.*allenai/ai2_arc.*HF_DATASETS_CACHE"):
+        load_tasks(["arc_easy"], manager)
+
+
+def launch(tmp_path, workdir, *flags, devices: int = 1):
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    config = REPO / "configs" / "eval_harness.py"
+    return subprocess.run([sys.executable, "-m", "experiments.eval_harness", f"--config={config}",
+                           f"--workdir={workdir}", f"--config.model_path={tmp_path / 'mixtral'}",
+                           f"--config.include_path={tmp_path / 'tasks'}", f"--config.tasks={LM_EVAL_TASKS}",
+                           f"--config.max_length={MAX_LENGTH}", "--config.batch_size=4", *flags],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def samples(workdir, task):
+    return [json.loads(line)["resps"] for line in (workdir / f"samples_{task}.jsonl").read_text().splitlines()]
+
+
+def test_launcher_writes_results_resumes_from_its_cache_and_a_mesh_matches_one_device(tmp_path):
+    checkpoint(tmp_path, "mixtral")
+    write_lm_eval_tasks(tmp_path / "tasks")
+    first = launch(tmp_path, tmp_path / "one")
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert set(results["results"]) == set(LM_EVAL_TASKS) and results["n-shot"]["tiny_gsm"] == 2
+    assert "|tiny_mc" in (tmp_path / "one" / "results.md").read_text()
+    assert not list((tmp_path / "one").glob(".*tmp"))  # written atomically, nothing half-done left
+    # Run again: every response comes from the request cache, and the outputs are the same.
+    again = launch(tmp_path, tmp_path / "one")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Requests remaining: 0" in again.stderr and "Requests remaining: 1" not in again.stderr
+    assert json.loads((tmp_path / "one" / "results.json").read_text())["results"] == results["results"]
+    # data=2 x expert=2 on four forced CPU devices answers every request as one device does.
+    mesh = launch(tmp_path, tmp_path / "mesh", "--mesh=data=2,expert=2", devices=4)
+    assert mesh.returncode == 0, mesh.stderr[-3000:]
+    for task in LM_EVAL_TASKS:
+        flat = lambda resps: [tuple(r[0]) if isinstance(r[0], list) else (r[0],) for rs in resps for r in rs]
+        assert_same_responses(flat(samples(tmp_path / "one", task)), flat(samples(tmp_path / "mesh", task)))
+    bad = launch(tmp_path, tmp_path / "bad", "--config.tasks=('tiny_mc', 'no_such_task')")
+    assert bad.returncode != 0 and "unknown lm-eval task(s) ['no_such_task']" in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -5,9 +5,11 @@
     lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
 
 Needs the `eval` extra (`lm-eval`, `transformers`: requirements-eval.txt). `batching` turns
-requests into a few fixed shapes; `lm` holds the model and lm-eval's conventions.
+requests into a few fixed shapes; `lm` holds the model and lm-eval's conventions; `tasks`
+loads tasks by name before any model, so bad names and missing data fail first.
 """
 
 from moe_jax.harness.lm import HarnessError, MoeJaxLM
+from moe_jax.harness.tasks import load_tasks, task_manager
 
-__all__ = ["HarnessError", "MoeJaxLM"]
+__all__ = ["HarnessError", "MoeJaxLM", "load_tasks", "task_manager"]

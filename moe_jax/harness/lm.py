@@ -20,6 +20,7 @@ import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
+from jax.sharding import Mesh
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -61,6 +63,17 @@ def _token_scores(cfg, params, tokens_BT, targets_BT, valid_BT, masks, impl):
     return logp_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
 
 
+def generation_eos_ids(path: str | os.PathLike) -> tuple[int, ...]:
+    """The end-of-generation ids a checkpoint declares (generation_config.json, else config.json)."""
+    for name in ("generation_config.json", "config.json"):
+        file = Path(path) / name
+        if file.is_file():
+            eos = json.loads(file.read_text()).get("eos_token_id")
+            if eos is not None:
+                return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+    return ()
+
+
 @register_model("moe_jax")
 class MoeJaxLM(TemplateLM):
     """lm-eval model over (cfg, params) of any moe_jax model: unpruned with masks, compacted,
@@ -69,7 +82,7 @@ class MoeJaxLM(TemplateLM):
     def __init__(self, cfg: ModelConfig, params: Mapping[str, Any], tokenizer, *, masks: dict | None = None,
                  batch_size: int = 8, max_length: int | None = None, max_gen_toks: int = 256,
                  add_bos_token: bool | None = None, prefix_token_id: int | None = None, impl: str = "auto",
-                 mesh: str | None = None):
+                 mesh: str | Mesh | None = None, stop_token_ids: Sequence[int] = ()):
         super().__init__()
         if not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "decode") or not callable(tokenizer):
             raise HarnessError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
@@ -87,11 +100,14 @@ class MoeJaxLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
         self._max_gen_toks = int(max_gen_toks)
+        # A generation ends at the tokenizer's EOS and at the checkpoint's own end ids (its
+        # generation_config.json), as transformers' `generate` does for lm-eval's HF backend.
+        self.stop_token_ids = {self.tokenizer.eos_token_id, *map(int, stop_token_ids)}
         self._max_length = int(max_length) if max_length else resolve_max_length(
             SimpleNamespace(max_position_embeddings=cfg.max_position_embeddings), self.tokenizer)
         self.mesh = None
         if mesh:  # rows over the batch axes, weights by the partition rules, as the launchers do
-            self.mesh = sharding.make_mesh(mesh)
+            self.mesh = mesh if isinstance(mesh, Mesh) else sharding.make_mesh(mesh)
             sharding.check_mesh_fits(cfg, self.mesh)
             self.params = sharding.shard_params(params, self.mesh)
             self.masks = jax.device_put(masks, sharding.replicated(self.mesh))
@@ -115,7 +131,7 @@ class MoeJaxLM(TemplateLM):
         masks = plan_masks(cfg, PruningPlan.load(plan)) if plan else None
         if trimming:
             masks = TrimmingPolicy.load(trimming).masks(cfg, params, base=masks)
-        return cls(cfg, params, tok, masks=masks, **kwargs)
+        return cls(cfg, params, tok, masks=masks, stop_token_ids=generation_eos_ids(path), **kwargs)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> MoeJaxLM:
@@ -259,8 +275,8 @@ class MoeJaxLM(TemplateLM):
                 out_BN = self._generate(tokens_BT, valid_BT, max_gen_toks, temperature)
                 for b, j in enumerate(chunk):
                     ids = list(out_BN[b])
-                    if self.eot_token_id in ids:
-                        ids = ids[:ids.index(self.eot_token_id)]
+                    ends = [n for n, t in enumerate(ids) if t in self.stop_token_ids]
+                    ids = ids[:ends[0] + 1] if ends else ids  # the end token is kept, as HF's output keeps it
                     text = postprocess_generated_text(self.tok_decode(ids), stop=until, think_end_token=None)
                     results[members[j]] = text
                     self.cache_hook.add_partial("generate_until", args[members[j]], text)
