@@ -35,5 +35,4 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_gen_toks = 256
     config.impl = "auto"  # expert dispatch (moe_jax.model.moe)
     config.seed = 0  # lm-eval's random, numpy and few-shot seeds
-    config.bootstrap_iters = 0  # lm-eval's bootstrap for stderr of non-mean metrics; 0 = skip
     return config

@@ -57,4 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
         answer_only=False,  # True: loss on skills answers only (~0 once learnt; see scoring/calibration.py)
     ))
     config.eval = EvalSettings(n_per_domain=50).as_config()
+    # lm-eval task scores as columns of the comparison (needs the `eval` extra); no tasks = none.
+    config.lm_eval = ml_collections.ConfigDict(dict(
+        tasks=(), include_path="", num_fewshot=-1, limit=0, batch_size=8, max_length=0, max_gen_toks=256,
+        tokenizer=""))  # tokenizer: a directory transformers loads; "" = the checkpoint's own
     return config

@@ -24,12 +24,11 @@ for _name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
     os.environ.setdefault(_name, "1")
 
 from absl import app, flags  # noqa: E402
-from lm_eval import evaluator  # noqa: E402
 from lm_eval import utils as lm_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from moe_jax import launch  # noqa: E402
-from moe_jax.harness import HarnessError, MoeJaxLM, load_tasks, task_manager  # noqa: E402
+from moe_jax.harness import HarnessError, MoeJaxLM, load_tasks, simple_evaluate, task_manager  # noqa: E402
 from moe_jax.pruning import PlanError  # noqa: E402
 from moe_jax.reporting import atomic_write  # noqa: E402
 from moe_jax.scoring import model_digest  # noqa: E402
@@ -64,11 +63,8 @@ def run(config, workdir: Path, mesh=None) -> dict:
         raise app.UsageError(str(err)) from None
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = evaluator.simple_evaluate(
-        model=lm, tasks=list(tasks.values()), num_fewshot=None if config.num_fewshot < 0 else config.num_fewshot,
-        limit=config.limit or None, use_cache=request_cache(workdir, lm, config), log_samples=True,
-        bootstrap_iters=config.bootstrap_iters, random_seed=config.seed, numpy_random_seed=config.seed,
-        torch_random_seed=config.seed, fewshot_random_seed=config.seed)
+    results = simple_evaluate(lm, tasks.values(), num_fewshot=config.num_fewshot, limit=config.limit,
+                              seed=config.seed, use_cache=request_cache(workdir, lm, config))
     seconds = time.perf_counter() - start
     samples = results.pop("samples", {})
     for task, rows in samples.items():

@@ -32,6 +32,11 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from moe_jax import evaluation, hf, launch, pruning, scoring  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 
+try:  # the `eval` extra (requirements-eval.txt): lm-eval scores as columns when config.lm_eval.tasks is set
+    from moe_jax import harness  # noqa: E402
+except ImportError:
+    harness = None
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/prune.py (or a variant).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Model (WORKDIR/model), per-run results and the comparison table.")
@@ -138,12 +143,38 @@ def calibrate(cfg: ModelConfig, params: Params, tokenizer, config, statistics: S
     return scores
 
 
-def evaluate_run(label: str, cfg: ModelConfig, params: Params, tokenizer, settings, workdir: Path) -> dict:
-    """Evaluate one model, print its table and write WORKDIR/eval/<label>/."""
+def evaluate_run(label: str, cfg: ModelConfig, params: Params, tokenizer, settings, workdir: Path,
+                 lm_eval=None) -> dict:
+    """Evaluate one model (and score it on lm-eval tasks when `lm_eval` is given), print its table
+    and write WORKDIR/eval/<label>/."""
     results = {"run": label, **evaluation.evaluate(cfg, params, tokenizer, settings)}
+    if lm_eval is not None:
+        results["lm_eval"] = lm_eval(cfg, params)
     print(f"\n## {label}\n\n{evaluation.format_table(results)}")
     evaluation.write_results(results, workdir / "eval" / label.replace("@", "_"))
     return results
+
+
+def lm_eval_scorer(config, path: Path):
+    """fn(cfg, params) -> {"task metric": value} on config.lm_eval.tasks (tasks and their data are
+    loaded now, so a bad task fails before any model is evaluated); None when no tasks are set."""
+    c = config.lm_eval
+    if not c.tasks:
+        return None
+    if harness is None:
+        raise ValueError("config.lm_eval.tasks needs lm-eval: pip install -r requirements-eval.txt")
+    manager = harness.task_manager(c.include_path or None)
+    tasks = harness.load_tasks(c.tasks, manager)
+    tokenizer = harness.MoeJaxLM.load_tokenizer(c.tokenizer or path)
+
+    def score(cfg: ModelConfig, params: Params) -> dict[str, float]:
+        lm = harness.MoeJaxLM(cfg, params, tokenizer, batch_size=c.batch_size, max_length=c.max_length or None,
+                              max_gen_toks=c.max_gen_toks, stop_token_ids=harness.generation_eos_ids(path))
+        results = harness.simple_evaluate(lm, list(tasks.values()), num_fewshot=c.num_fewshot, limit=c.limit,
+                                          seed=config.calibration.seed)
+        return harness.scores(results)
+
+    return score
 
 
 def main(argv: list[str]) -> None:
@@ -158,11 +189,12 @@ def main(argv: list[str]) -> None:
         path = find_model(config, workdir)
         cfg, params = evaluation.load_model(path, config.dtype)
         tokenizer = evaluation.load_eval_tokenizer(config.tokenizer, path, cfg)
-    except (FileNotFoundError, ValueError) as err:  # train.TrainError is a ValueError
+        lm_eval = lm_eval_scorer(config, path)
+    except (FileNotFoundError, ValueError) as err:  # train.TrainError and harness.HarnessError are ValueErrors
         raise app.UsageError(str(err)) from None
     params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
     print(f"Model: {path} ({cfg.model_type}, {evaluation.model_size(cfg, params)['total']:,} params)")
-    runs = [("baseline", evaluate_run("baseline", cfg, params, tokenizer, settings, workdir))]
+    runs = [("baseline", evaluate_run("baseline", cfg, params, tokenizer, settings, workdir, lm_eval))]
     if not methods:
         note = ("No pruning methods configured (config.methods is empty): only the baseline was evaluated. "
                 "Set e.g. --config.methods=\"(('fisher', 0.5), ('activation:layer', 0.5))\".")
@@ -182,12 +214,19 @@ def main(argv: list[str]) -> None:
             out = workdir / "pruned" / label
             extra = [f for f in (path / "tokenizer.json", path / "tokenizer_config.json") if f.is_file()]
             hf.save_pretrained(pruned_cfg, pruned_params, out, overwrite=True, extra_files=extra)
-        runs.append((label, evaluate_run(label, pruned_cfg, pruned_params, tokenizer, settings, workdir)))
+        runs.append((label, evaluate_run(label, pruned_cfg, pruned_params, tokenizer, settings, workdir, lm_eval)))
     table = evaluation.comparison_table(runs)
     print(f"\n## Before / after pruning\n\n{table}")
     text = f"# Before / after pruning\n\nModel: {path}\n\n{table}\n"
     if not methods:
         text += f"\n{note}\n"
+    if not any(r.get("exact_match") or r.get("lm_eval") or evaluation.TEXT_DOMAIN in r.get("perplexity", {})
+               for _, r in runs):
+        blind = ("No quality column: skills exact match needs the built-in byte tokenizer. Set "
+                 "--config.eval.data=<held-out text, any load_texts spec> for perplexity and/or "
+                 "--config.lm_eval.tasks=\"('arc_easy',)\" for lm-eval scores.")
+        print(f"\n{blind}")
+        text += f"\n{blind}\n"
     evaluation.atomic_write(workdir / "comparison.md", text)
     print(f"\nwrote {workdir / 'comparison.md'} and {workdir / 'eval'}/")
 

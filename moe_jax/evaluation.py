@@ -40,6 +40,7 @@ from moe_jax.config import ModelConfig
 from moe_jax.data import pipeline, skills
 from moe_jax.data.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from moe_jax.model import decode, transformer
+from moe_jax.reporting import HELD_OUT_DOMAIN
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ Params = dict[str, Any]
 # A batch: "tokens" (B, T) and optionally "loss_mask", "segment_ids", "attention_mask" (B, T).
 Batch = Mapping[str, np.ndarray]
 DomainBatches = Mapping[str, Iterable[Batch | np.ndarray]]
-TEXT_DOMAIN = "text"  # perplexity rows of a `load_texts` corpus are reported under this name
+TEXT_DOMAIN = HELD_OUT_DOMAIN  # perplexity rows of a `load_texts` corpus are reported under this name
 _PROMPT_WIDTH_MULTIPLE = 8  # prompts are left-padded to a multiple of this: one compile per eval
 _LOGIT_BUDGET_BYTES = 2**29  # perplexity batches are cut so their (B, T, V) float32 logits fit this
 _SKILLS_MAX_LEN = 128  # an upper bound on skills rows ([BOS] prompt answer EOS), for that budget

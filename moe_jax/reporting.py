@@ -23,6 +23,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+HELD_OUT_DOMAIN = "text"  # perplexity of `eval.data` text is reported under this domain name
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     """A table cell: the number with `digits` decimals, or "–" for None / NaN / inf."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -68,19 +71,27 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 
 def comparison_table(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
-    """One row per run (baseline first, then each method): exact match per domain, safety, size."""
+    """One row per run (baseline first, then each method): exact match per domain, safety, held-out
+    perplexity on `eval.data` text and lm-eval scores (when any run has them), size."""
     if not runs:
         raise ValueError("comparison_table: no runs to compare")
     domains = list(dict.fromkeys(d for _, r in runs for d in r.get("exact_match", {})))
-    header = ["model", *domains, "mean EM", "refusal", "over-refusal", "active params", "MiB"]
+    held_out = any(HELD_OUT_DOMAIN in r.get("perplexity", {}) for _, r in runs)
+    lm_eval = list(dict.fromkeys(k for _, r in runs for k in r.get("lm_eval", {})))
+    skills = ["mean EM", "refusal", "over-refusal"] if domains else []  # the built-in tokenizer's columns
+    header = ["model", *domains, *skills, *(["ppl (eval.data)"] if held_out else []), *lm_eval, "active params",
+              "MiB"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for label, r in runs:
         em, size = r.get("exact_match", {}), r.get("model", {})
         scores = [em[d]["exact_match"] if d in em else None for d in domains]
         known = [s for s in scores if s is not None]
         safety = em.get("safety", {})
-        cells = [label, *map(fmt, scores), fmt(sum(known) / len(known) if known else None),
-                 fmt(safety.get("refusal_rate")), fmt(safety.get("over_refusal_rate")),
+        ppl = [fmt(r.get("perplexity", {}).get(HELD_OUT_DOMAIN, {}).get("full"), 2)] if held_out else []
+        skill_cells = [fmt(sum(known) / len(known) if known else None), fmt(safety.get("refusal_rate")),
+                       fmt(safety.get("over_refusal_rate"))] if domains else []
+        cells = [label, *map(fmt, scores), *skill_cells, *ppl,
+                 *(fmt(r.get("lm_eval", {}).get(k)) for k in lm_eval),
                  f"{size['active_per_token']:,}" if size else "–",
                  f"{size['bytes'] / 2**20:.2f}" if size else "–"]
         lines.append("| " + " | ".join(cells) + " |")

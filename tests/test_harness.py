@@ -244,3 +244,31 @@ def test_launcher_writes_results_resumes_from_its_cache_and_a_mesh_matches_one_d
     bad = launch(tmp_path, tmp_path / "bad", "--config.tasks=('tiny_mc', 'no_such_task')")
     assert bad.returncode != 0 and "unknown lm-eval task(s) ['no_such_task']" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_main_job_on_a_hf_checkpoint_reports_held_out_perplexity_and_lm_eval_scores(tmp_path, tasks):
+    """experiments/prune.py on a tiny random Qwen2-MoE with its own BPE tokenizer: every row of the
+    before/after table has held-out perplexity and the lm-eval columns, none a dash."""
+    path = checkpoint(tmp_path, "qwen2_moe")
+    text = lambda seed: "".join(json.dumps({"text": line}) + "\n" for line in np.random.default_rng(seed).permutation(
+        ["The quick brown fox jumps over the lazy dog.", "Experts route tokens to the top two experts.",
+         "What is two plus three? Five.", "A router picks the experts for each token."] * 6))
+    (tmp_path / "calib.jsonl").write_text(text(0))
+    (tmp_path / "heldout.jsonl").write_text(text(1))
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_backend_optimization_level=0")
+    run = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "prune.py"), f"--config={REPO / 'configs' / 'prune.py'}",
+         f"--workdir={tmp_path / 'work'}", f"--config.model_path={path}", "--config.methods=(('fisher:expert', 0.5),)",
+         f"--config.calibration.data=json:{tmp_path / 'calib.jsonl'}", "--config.calibration.n_per_domain=4",
+         f"--config.eval.data=json:{tmp_path / 'heldout.jsonl'}", "--config.eval.seq_len=32",
+         "--config.eval.data_rows=4", "--config.eval.throughput=False", "--config.lm_eval.tasks=('tiny_mc',)",
+         f"--config.lm_eval.include_path={tasks[0]}", "--config.lm_eval.max_length=32"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = [line for line in (tmp_path / "work" / "comparison.md").read_text().splitlines() if line.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert "ppl (eval.data)" in header and "tiny_mc acc" in header and "tiny_mc acc_norm" in header
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    assert [r[0] for r in rows] == ["baseline", "fisher-expert@0.5"]
+    assert not any(cell in ("–", "") for row in rows for cell in row), rows  # no column of dashes
+    assert float(rows[0][header.index("ppl (eval.data)")]) != float(rows[1][header.index("ppl (eval.data)")])

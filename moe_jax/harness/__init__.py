@@ -9,7 +9,8 @@ requests into a few fixed shapes; `lm` holds the model and lm-eval's conventions
 loads tasks by name before any model, so bad names and missing data fail first.
 """
 
-from moe_jax.harness.lm import HarnessError, MoeJaxLM
-from moe_jax.harness.tasks import load_tasks, task_manager
+from moe_jax.harness.lm import HarnessError, MoeJaxLM, generation_eos_ids
+from moe_jax.harness.tasks import load_tasks, scores, simple_evaluate, task_manager
 
-__all__ = ["HarnessError", "MoeJaxLM", "load_tasks", "task_manager"]
+__all__ = ["HarnessError", "MoeJaxLM", "generation_eos_ids", "load_tasks", "scores", "simple_evaluate",
+           "task_manager"]

@@ -122,16 +122,21 @@ class MoeJaxLM(TemplateLM):
         plan: a PruningPlan JSON, simulated with masks on these (unpruned) weights.
         trimming: a TrimmingPolicy JSON; its routers must be these (frozen-router rule)."""
         cfg, params = hf.load_pretrained(path, dtype=dtype)
-        tok_kwargs = {} if kwargs.get("add_bos_token") is None else {"add_bos_token": kwargs["add_bos_token"]}
-        try:
-            tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer or path), **tok_kwargs)
-        except (OSError, ValueError) as err:
-            raise HarnessError(f"{tokenizer or path}: no tokenizer transformers can load ({err}); pass "
-                               "tokenizer=<directory with tokenizer.json>") from None
+        tok = cls.load_tokenizer(tokenizer or path, add_bos_token=kwargs.get("add_bos_token"))
         masks = plan_masks(cfg, PruningPlan.load(plan)) if plan else None
         if trimming:
             masks = TrimmingPolicy.load(trimming).masks(cfg, params, base=masks)
         return cls(cfg, params, tok, masks=masks, stop_token_ids=generation_eos_ids(path), **kwargs)
+
+    @staticmethod
+    def load_tokenizer(path: str | os.PathLike, add_bos_token: bool | None = None):
+        """The tokenizer of a checkpoint directory, loaded as lm-eval's HF backend loads it."""
+        kwargs = {} if add_bos_token is None else {"add_bos_token": add_bos_token}
+        try:
+            return transformers.AutoTokenizer.from_pretrained(str(path), **kwargs)
+        except (OSError, ValueError) as err:
+            raise HarnessError(f"{path}: no tokenizer transformers can load ({err}); pass "
+                               "tokenizer=<directory with tokenizer.json>") from None
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> MoeJaxLM:

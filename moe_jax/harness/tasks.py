@@ -7,10 +7,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from lm_eval import evaluator
 from lm_eval.tasks import TaskManager, get_task_dict
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from moe_jax.harness.lm import HarnessError
+from moe_jax.harness.lm import HarnessError, MoeJaxLM
 
 
 def task_manager(include_path: str | os.PathLike | None = None) -> TaskManager:
@@ -59,3 +60,26 @@ def _offline_hint() -> str:
     return ("\nRunning offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): put the dataset in the Hugging Face "
             "datasets cache (HF_DATASETS_CACHE) from a machine with network, or set HF_DATASETS_OFFLINE=0 "
             "HF_HUB_OFFLINE=0 to download it.")
+
+
+def scores(results: dict) -> dict[str, float]:
+    """lm-eval results -> {"task metric": value} (every metric of every task, filter named when not
+    "none"; standard errors and bookkeeping fields left out): the columns of a comparison table."""
+    out = {}
+    for task, metrics in sorted(results["results"].items()):
+        for key, value in metrics.items():
+            name, _, filt = key.partition(",")
+            if not filt or name.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            out[f"{task} {name}" + ("" if filt == "none" else f" ({filt})")] = float(value)
+    return out
+
+
+def simple_evaluate(lm: MoeJaxLM, tasks: Sequence, *, num_fewshot: int = -1, limit: int = 0, seed: int = 0,
+                    use_cache: str | None = None) -> dict:
+    """`lm_eval.simple_evaluate` with per-request samples logged, one seed for every RNG lm-eval
+    seeds, no bootstrap; num_fewshot < 0 keeps each task's default and limit 0 means every document."""
+    return evaluator.simple_evaluate(
+        model=lm, tasks=list(tasks), num_fewshot=None if num_fewshot < 0 else num_fewshot, limit=limit or None,
+        use_cache=use_cache, log_samples=True, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+        torch_random_seed=seed, fewshot_random_seed=seed)
