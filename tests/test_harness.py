@@ -27,15 +27,12 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from moe_jax import hf, pruning  # noqa: E402
+from moe_jax.data.lm_eval_tasks import TASKS as LM_EVAL_TASKS  # noqa: E402
+from moe_jax.data.lm_eval_tasks import write as write_lm_eval_tasks  # noqa: E402
 from moe_jax.harness import HarnessError, MoeJaxLM, load_tasks, task_manager  # noqa: E402
 from moe_jax.pruning import PlanError, PruningPlan  # noqa: E402
 from moe_jax.trimming import LayerTrim, TrimmingPolicy  # noqa: E402
-from tests.conftest import (  # noqa: E402
-    LM_EVAL_TASKS,
-    random_hf_checkpoint,
-    write_bpe_tokenizer,
-    write_lm_eval_tasks,
-)
+from tests.conftest import random_hf_checkpoint, write_bpe_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 32  # small, so rolling documents span several windows and long prompts are truncated
