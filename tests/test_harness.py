@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -31,7 +32,7 @@ from moe_jax.data.lm_eval_tasks import TASKS as LM_EVAL_TASKS  # noqa: E402
 from moe_jax.data.lm_eval_tasks import write as write_lm_eval_tasks  # noqa: E402
 from moe_jax.harness import HarnessError, MoeJaxLM, load_tasks, task_manager  # noqa: E402
 from moe_jax.pruning import PlanError, PruningPlan  # noqa: E402
-from moe_jax.trimming import LayerTrim, TrimmingPolicy  # noqa: E402
+from moe_jax.trimming import LayerTrim, RouterDriftError, TrimmingError, TrimmingPolicy  # noqa: E402
 from tests.conftest import random_hf_checkpoint, write_bpe_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +170,18 @@ def test_bad_input_is_named(tmp_path):
     small_plan(cfg_other).save(tmp_path / "other_plan.json")
     with pytest.raises(PlanError, match="expert widths"):
         MoeJaxLM.from_pretrained(path, plan=tmp_path / "other_plan.json")
+    cfg_self, params_self = hf.load_pretrained(path, dtype="float32")
+    cfg_m, params_m = hf.load_pretrained(other, dtype="float32")
+    TrimmingPolicy.for_model(cfg_m, params_m, LayerTrim(max_active=1)).save(tmp_path / "other_policy.json")
+    with pytest.raises(TrimmingError, match="calibrated for a mixtral model"):
+        MoeJaxLM.from_pretrained(path, trimming=tmp_path / "other_policy.json")
+    # Same shapes, other routers (the frozen-router rule): refused too.
+    moved = jax.tree_util.tree_map(lambda x: x, params_self)
+    layer = cfg_self.layer_name(cfg_self.moe_layers[0])
+    moved[layer]["moe"]["router"]["kernel"] = moved[layer]["moe"]["router"]["kernel"] * 1.01
+    TrimmingPolicy.for_model(cfg_self, moved, LayerTrim(max_active=1)).save(tmp_path / "drifted.json")
+    with pytest.raises(RouterDriftError, match="router weights changed"):
+        MoeJaxLM.from_pretrained(path, trimming=tmp_path / "drifted.json")
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(PlanError, match="broken.json"):
         MoeJaxLM.from_pretrained(path, plan=tmp_path / "broken.json")
