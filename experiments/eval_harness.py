@@ -8,6 +8,8 @@
 so an unknown task or a missing dataset fails at once, naming it. Each response is cached in
 WORKDIR/requests_<digest>.db, keyed by the weights, plan and policy: a killed run resumes
 without recomputing what it answered. Results are written to a temporary name and renamed.
+Multi-process (`--coordinator_address --num_processes --process_id --mesh`): process 0 runs
+lm-eval, the others run the same device calls.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 for _name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
     os.environ.setdefault(_name, "1")
 
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from lm_eval import utils as lm_utils  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -49,7 +52,8 @@ def request_cache(workdir: Path, lm: MoeJaxLM, config) -> str:
 
 
 def run(config, workdir: Path, mesh=None) -> dict:
-    """Evaluate and write WORKDIR/results.json, results.md and samples_<task>.jsonl; the results."""
+    """Evaluate and write WORKDIR/results.json, results.md and samples_<task>.jsonl; the results
+    (process 0; in a multi-process run the other processes follow its device calls and return {})."""
     if not config.model_path or not (Path(config.model_path) / "config.json").is_file():
         raise app.UsageError(f"--config.model_path={config.model_path!r}: no Hugging Face checkpoint there "
                              "(config.json missing)")
@@ -61,10 +65,17 @@ def run(config, workdir: Path, mesh=None) -> dict:
             max_gen_toks=config.max_gen_toks, impl=config.impl, mesh=mesh)
     except (HarnessError, PlanError, TrimmingError, FileNotFoundError) as err:
         raise app.UsageError(str(err)) from None
+    cache = request_cache(workdir, lm, config)  # reads the weights: every process takes part
+    if jax.process_index() != 0:  # lm-eval runs on process 0 (world size 1); the others follow its calls
+        lm.follow()
+        return {}
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results = simple_evaluate(lm, tasks.values(), num_fewshot=config.num_fewshot, limit=config.limit,
-                              seed=config.seed, use_cache=request_cache(workdir, lm, config))
+    try:
+        results = simple_evaluate(lm, tasks.values(), num_fewshot=config.num_fewshot, limit=config.limit,
+                                  seed=config.seed, use_cache=cache)
+    finally:
+        lm.release_followers()
     seconds = time.perf_counter() - start
     samples = results.pop("samples", {})
     for task, rows in samples.items():
@@ -87,8 +98,9 @@ def main(argv: list[str]) -> None:
     mesh = launch.initialize()
     logging.getLogger().setLevel(logging.INFO)
     results = run(FLAGS.config, Path(FLAGS.workdir), mesh)
-    print(lm_utils.make_table(results))
-    print(f"wrote {Path(FLAGS.workdir) / 'results.json'} and results.md")
+    if results:
+        print(lm_utils.make_table(results))
+        print(f"wrote {Path(FLAGS.workdir) / 'results.json'} and results.md")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -217,21 +218,23 @@ def test_tasks_load_before_any_model_and_bad_ones_are_named(tmp_path):
         load_tasks(["arc_easy"], manager)
 
 
-def launch(tmp_path, workdir, *flags, devices: int = 1):
+def launch(tmp_path, workdir, *flags, devices: int = 1, wait: bool = True):
     env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     config = REPO / "configs" / "eval_harness.py"
-    return subprocess.run([sys.executable, "-m", "experiments.eval_harness", f"--config={config}",
-                           f"--workdir={workdir}", f"--config.model_path={tmp_path / 'mixtral'}",
-                           f"--config.include_path={tmp_path / 'tasks'}", f"--config.tasks={LM_EVAL_TASKS}",
-                           f"--config.max_length={MAX_LENGTH}", "--config.batch_size=4", *flags],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "experiments.eval_harness", f"--config={config}", f"--workdir={workdir}",
+               f"--config.model_path={tmp_path / 'mixtral'}", f"--config.include_path={tmp_path / 'tasks'}",
+               f"--config.tasks={LM_EVAL_TASKS}", f"--config.max_length={MAX_LENGTH}", "--config.batch_size=4",
+               *flags]
+    if not wait:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def samples(workdir, task):
     return [json.loads(line)["resps"] for line in (workdir / f"samples_{task}.jsonl").read_text().splitlines()]
 
 
-def test_launcher_writes_results_resumes_from_its_cache_and_a_mesh_matches_one_device(tmp_path):
+def test_launcher_writes_results_resumes_and_two_processes_match_one_device(tmp_path):
     checkpoint(tmp_path, "mixtral")
     write_lm_eval_tasks(tmp_path / "tasks")
     first = launch(tmp_path, tmp_path / "one")
@@ -245,9 +248,16 @@ def test_launcher_writes_results_resumes_from_its_cache_and_a_mesh_matches_one_d
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Requests remaining: 0" in again.stderr and "Requests remaining: 1" not in again.stderr
     assert json.loads((tmp_path / "one" / "results.json").read_text())["results"] == results["results"]
-    # data=2 x expert=2 on four forced CPU devices answers every request as one device does.
-    mesh = launch(tmp_path, tmp_path / "mesh", "--mesh=data=2,expert=2", devices=4)
-    assert mesh.returncode == 0, mesh.stderr[-3000:]
+    # Two processes of two CPU devices each, mesh data=2 x expert=2 across them: process 0 drives
+    # lm-eval, process 1 follows its device calls; every request is answered as one device does.
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    procs = [launch(tmp_path, tmp_path / "mesh", "--mesh=data=2,expert=2", f"--coordinator_address=localhost:{port}",
+                    "--num_processes=2", f"--process_id={i}", devices=2, wait=False) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
     for task in LM_EVAL_TASKS:
         flat = lambda resps: [tuple(r[0]) if isinstance(r[0], list) else (r[0],) for rs in resps for r in rs]
         assert_same_responses(flat(samples(tmp_path / "one", task)), flat(samples(tmp_path / "mesh", task)))

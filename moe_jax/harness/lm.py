@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
@@ -42,7 +43,7 @@ from lm_eval.models.utils import (
     resolve_max_length,
 )
 
-from moe_jax import hf, model, sharding
+from moe_jax import hf, model, multihost, sharding
 from moe_jax.config import ModelConfig
 from moe_jax.harness import batching
 from moe_jax.pruning.plan import PruningPlan
@@ -52,6 +53,13 @@ from moe_jax.trimming.policy import TrimmingPolicy
 
 class HarnessError(ValueError):
     """A request, model or argument the adapter cannot evaluate; the message names it."""
+
+
+# Multi-process runs: process 0 drives lm-eval (which must see world size 1) and announces each
+# device call with a header [op, rows, width, max_new_tokens, temperature in millionths]; the other
+# processes run the same call on the same arrays (`MoeJaxLM.follow`), as SPMD needs.
+_STOP, _SCORE, _GENERATE = 0, 1, 2
+_HEADER_LEN = 5
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"))
@@ -105,7 +113,10 @@ class MoeJaxLM(TemplateLM):
         self.stop_token_ids = {self.tokenizer.eos_token_id, *map(int, stop_token_ids)}
         self._max_length = int(max_length) if max_length else resolve_max_length(
             SimpleNamespace(max_position_embeddings=cfg.max_position_embeddings), self.tokenizer)
-        self.mesh = None
+        self.mesh, self._generators = None, {}
+        self.multi_process = jax.process_count() > 1
+        if self.multi_process and not mesh:
+            raise HarnessError(f"{jax.process_count()} processes need a mesh over their devices (mesh=...)")
         if mesh:  # rows over the batch axes, weights by the partition rules, as the launchers do
             self.mesh = mesh if isinstance(mesh, Mesh) else sharding.make_mesh(mesh)
             sharding.check_mesh_fits(cfg, self.mesh)
@@ -204,12 +215,58 @@ class MoeJaxLM(TemplateLM):
 
     # -------------------------------------------------------------- scoring
     def _score_batch(self, batch: batching.ScoreBatch) -> tuple[np.ndarray, np.ndarray]:
-        args = (batch.tokens_BT, batch.targets_BT, batch.valid_BT)
+        return self._device_call(_SCORE, (batch.tokens_BT, batch.targets_BT, batch.valid_BT))
+
+    # -------------------------------------------------------------- device calls (and followers)
+    def _device_call(self, op: int, arrays: tuple[np.ndarray, ...], max_new_tokens: int = 0,
+                     temperature: float = 0.0):
+        if self.multi_process:  # process 0 announces the call; the followers receive the same arrays
+            rows, width = arrays[0].shape
+            multihost_utils.broadcast_one_to_all(
+                np.array([op, rows, width, max_new_tokens, round(temperature * 1e6)], np.int64))
+            arrays = multihost_utils.broadcast_one_to_all(tuple(np.asarray(a, np.int32) for a in arrays))
+        return self._run(op, arrays, max_new_tokens, temperature)
+
+    def _run(self, op: int, arrays, max_new_tokens: int, temperature: float):
+        if op == _SCORE:
+            tokens_BT, targets_BT, valid_BT = (np.asarray(a, np.int32) for a in arrays)
+            args = (tokens_BT, targets_BT, valid_BT.astype(bool))
+            if self.mesh is None:
+                return jax.device_get(_token_scores(self.cfg, self.params, *args, self.masks, self.impl))
+            with jax.set_mesh(self.mesh):
+                args = jax.device_put(args, sharding.batch_sharding(self.mesh, self.batch_size))
+                return multihost.device_get(_token_scores(self.cfg, self.params, *args, self.masks, self.impl))
+        tokens_BT, valid_BT = np.asarray(arrays[0], np.int32), np.asarray(arrays[1], bool)
+        pad = self.tokenizer.pad_token_id
         if self.mesh is None:
-            return jax.device_get(_token_scores(self.cfg, self.params, *args, self.masks, self.impl))
-        with jax.set_mesh(self.mesh):
-            args = jax.device_put(args, sharding.batch_sharding(self.mesh, self.batch_size))
-            return jax.device_get(_token_scores(self.cfg, self.params, *args, self.masks, self.impl))
+            return np.asarray(model.generate(self.cfg, self.params, tokens_BT, max_new_tokens, temperature=temperature,
+                                             attention_mask=valid_BT, eos_id=self.eot_token_id, pad_id=pad,
+                                             masks=self.masks, impl=self.impl))
+        key = (max_new_tokens, temperature)
+        if key not in self._generators:
+            self._generators[key] = sharding.sharded_generate(self.cfg, self.mesh, self.params, self.batch_size,
+                                                              max_new_tokens, impl=self.impl, temperature=temperature)
+        out = self._generators[key](self.params, tokens_BT, valid_BT, eos_id=self.eot_token_id, pad_id=pad,
+                                    masks=self.masks)
+        return np.asarray(multihost.device_get(out))
+
+    def follow(self) -> None:
+        """On every process but 0: run each device call process 0 announces, until it stops them."""
+        while True:
+            header = multihost_utils.broadcast_one_to_all(np.zeros(_HEADER_LEN, np.int64))
+            op, rows, width, max_new_tokens, temperature = (int(v) for v in np.asarray(header))
+            if op == _STOP:
+                return
+            count = 3 if op == _SCORE else 2
+            arrays = multihost_utils.broadcast_one_to_all(tuple(np.zeros((rows, width), np.int32)
+                                                                for _ in range(count)))
+            self._run(op, arrays, max_new_tokens, temperature / 1e6)
+
+    def release_followers(self) -> None:
+        """Process 0, when done (or failing): let the followers' `follow` return."""
+        if self.multi_process:
+            multihost_utils.broadcast_one_to_all(np.array([_STOP, 0, 0, 0, 0], np.int64))
+
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of continuation log-probs, every continuation token is the argmax) per request."""
@@ -277,7 +334,7 @@ class MoeJaxLM(TemplateLM):
                 prompts = [ids[-max_ctx_len:] for ids in self._batch_encode([contexts[j] for j in chunk])]
                 tokens_BT, valid_BT = batching.prompt_rows(prompts, self.max_length, self.batch_size,
                                                            pad_id=self.tokenizer.pad_token_id)
-                out_BN = self._generate(tokens_BT, valid_BT, max_gen_toks, temperature)
+                out_BN = self._device_call(_GENERATE, (tokens_BT, valid_BT), max_gen_toks, temperature)
                 for b, j in enumerate(chunk):
                     ids = list(out_BN[b])
                     ends = [n for n, t in enumerate(ids) if t in self.stop_token_ids]
@@ -286,12 +343,3 @@ class MoeJaxLM(TemplateLM):
                     results[members[j]] = text
                     self.cache_hook.add_partial("generate_until", args[members[j]], text)
         return results
-
-    def _generate(self, tokens_BT, valid_BT, max_new_tokens: int, temperature: float) -> np.ndarray:
-        call = functools.partial(model.generate, self.cfg, self.params, tokens_BT, max_new_tokens,
-                                 temperature=temperature, attention_mask=valid_BT, eos_id=self.eot_token_id,
-                                 pad_id=self.tokenizer.pad_token_id, masks=self.masks, impl=self.impl)
-        if self.mesh is None:
-            return np.asarray(call())
-        with jax.set_mesh(self.mesh):
-            return np.asarray(call(cache_axes=sharding.cache_axes(self.cfg, self.mesh, self.batch_size)))

@@ -106,25 +106,26 @@ def sharded_forward(cfg: ModelConfig, mesh: Mesh, params, batch_size: int, *, im
 def sharded_generate(cfg: ModelConfig, mesh: Mesh, params, batch_size: int, max_new_tokens: int, *,
                      impl: str = "auto", temperature: float = 0.0, top_p: float = 1.0,
                      rules: Sequence[Rule] = DEFAULT_RULES) -> Callable:
-    """fn(params, prompts_BP, attention_mask_BP, rng=None, eos_id=-1, pad_id=0) -> (B, max_new_tokens)
-    int32, the KV cache split over batch x KV heads (`cache_axes`). Prompts are left-padded arrays."""
+    """fn(params, prompts_BP, attention_mask_BP, rng=None, eos_id=-1, pad_id=0, masks=None) ->
+    (B, max_new_tokens) int32, the KV cache split over batch x KV heads (`cache_axes`). Prompts are
+    left-padded arrays; `masks` (pruning / trimming, as `model.generate` takes them) are replicated."""
     _check(cfg, mesh, impl)
     params_sh = tree_shardings(params, mesh, rules)
     batch_sh, rep = batch_sharding(mesh, batch_size), replicated(mesh)
     axes = cache_axes(cfg, mesh, batch_size)
 
-    def gen(params, tokens, mask, rng, eos, pad):
-        return decode._generate(cfg, params, tokens, mask, rng, eos, pad, None, max_new_tokens=max_new_tokens,
+    def gen(params, tokens, mask, rng, eos, pad, masks):
+        return decode._generate(cfg, params, tokens, mask, rng, eos, pad, masks, max_new_tokens=max_new_tokens,
                                 temperature=float(temperature), top_p=float(top_p), impl=impl, cache_axes=axes)
 
-    jitted = jax.jit(gen, in_shardings=(params_sh, batch_sh, batch_sh, rep, rep, rep), out_shardings=batch_sh)
+    jitted = jax.jit(gen, in_shardings=(params_sh, batch_sh, batch_sh, rep, rep, rep, rep), out_shardings=batch_sh)
 
-    def call(params, prompts, attention_mask=None, rng=None, eos_id=-1, pad_id=0):
+    def call(params, prompts, attention_mask=None, rng=None, eos_id=-1, pad_id=0, masks=None):
         prompts = np.asarray(prompts, np.int32)
         mask = np.ones(prompts.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
         rng = jax.random.PRNGKey(0) if rng is None else rng
         return jitted(params, *jax.device_put((prompts, mask), batch_sh),
-                      *jax.device_put((rng, jnp.int32(eos_id), jnp.int32(pad_id)), rep))
+                      *jax.device_put((rng, jnp.int32(eos_id), jnp.int32(pad_id), masks), rep))
 
     return _on_mesh(mesh, call)
 
