@@ -212,7 +212,9 @@ def main(argv: list[str]) -> None:
         pruned_params = launch.place(pruned_cfg, pruned_params, mesh)
         if config.export:
             out = workdir / "pruned" / label
-            extra = [f for f in (path / "tokenizer.json", path / "tokenizer_config.json") if f.is_file()]
+            # The tokenizer, and the generation config whose end ids transformers' generate stops at.
+            extra = [path / name for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+                     if (path / name).is_file()]
             hf.save_pretrained(pruned_cfg, pruned_params, out, overwrite=True, extra_files=extra)
         runs.append((label, evaluate_run(label, pruned_cfg, pruned_params, tokenizer, settings, workdir, lm_eval)))
     table = evaluation.comparison_table(runs)

@@ -289,3 +289,7 @@ def test_main_job_on_a_hf_checkpoint_reports_held_out_perplexity_and_lm_eval_sco
     assert [r[0] for r in rows] == ["baseline", "fisher-expert@0.5"]
     assert not any(cell in ("–", "") for row in rows for cell in row), rows  # no column of dashes
     assert float(rows[0][header.index("ppl (eval.data)")]) != float(rows[1][header.index("ppl (eval.data)")])
+    # The export carries the tokenizer and the generation config (its end ids) beside the weights.
+    export = tmp_path / "work" / "pruned" / "fisher-expert@0.5"
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (export / name).read_bytes() == (path / name).read_bytes(), name
