@@ -166,10 +166,11 @@ def lm_eval_scorer(config, path: Path):
     manager = harness.task_manager(c.include_path or None)
     tasks = harness.load_tasks(c.tasks, manager)
     tokenizer = harness.MoeJaxLM.load_tokenizer(c.tokenizer or path)
+    stop_token_ids = harness.generation_eos_ids(path)
 
     def score(cfg: ModelConfig, params: Params) -> dict[str, float]:
         lm = harness.MoeJaxLM(cfg, params, tokenizer, batch_size=c.batch_size, max_length=c.max_length or None,
-                              max_gen_toks=c.max_gen_toks, stop_token_ids=harness.generation_eos_ids(path))
+                              max_gen_toks=c.max_gen_toks, stop_token_ids=stop_token_ids)
         results = harness.simple_evaluate(lm, list(tasks.values()), num_fewshot=c.num_fewshot, limit=c.limit,
                                           seed=config.calibration.seed)
         return harness.scores(results)

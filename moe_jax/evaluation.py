@@ -40,7 +40,7 @@ from moe_jax.config import ModelConfig
 from moe_jax.data import pipeline, skills
 from moe_jax.data.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from moe_jax.model import decode, transformer
-from moe_jax.reporting import HELD_OUT_DOMAIN
+from moe_jax.reporting import TEXT_DOMAIN
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ Params = dict[str, Any]
 # A batch: "tokens" (B, T) and optionally "loss_mask", "segment_ids", "attention_mask" (B, T).
 Batch = Mapping[str, np.ndarray]
 DomainBatches = Mapping[str, Iterable[Batch | np.ndarray]]
-TEXT_DOMAIN = HELD_OUT_DOMAIN  # perplexity rows of a `load_texts` corpus are reported under this name
 _PROMPT_WIDTH_MULTIPLE = 8  # prompts are left-padded to a multiple of this: one compile per eval
 _LOGIT_BUDGET_BYTES = 2**29  # perplexity batches are cut so their (B, T, V) float32 logits fit this
 _SKILLS_MAX_LEN = 128  # an upper bound on skills rows ([BOS] prompt answer EOS), for that budget
@@ -158,10 +157,7 @@ def _generate_all(cfg: ModelConfig, params: Params, prompts: list[list[int]], ba
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # pad the last batch with a real prompt
-        tokens = np.full((batch_size, width), tokenizer.pad_id, np.int32)
-        mask = np.zeros((batch_size, width), bool)
-        for i, ids in enumerate(rows):
-            tokens[i, width - len(ids):], mask[i, width - len(ids):] = ids, True
+        tokens, mask = decode.left_pad(rows, tokenizer.pad_id, width)
         out = decode.generate(cfg, params, tokens, max_new_tokens, attention_mask=mask,
                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, masks=masks)
         outputs.extend(out[:len(chunk)])

@@ -23,7 +23,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-HELD_OUT_DOMAIN = "text"  # perplexity of `eval.data` text is reported under this domain name
+TEXT_DOMAIN = "text"  # perplexity of a `load_texts` corpus (`eval.data`) is reported under this domain name
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -76,7 +76,7 @@ def comparison_table(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     if not runs:
         raise ValueError("comparison_table: no runs to compare")
     domains = list(dict.fromkeys(d for _, r in runs for d in r.get("exact_match", {})))
-    held_out = any(HELD_OUT_DOMAIN in r.get("perplexity", {}) for _, r in runs)
+    held_out = any(TEXT_DOMAIN in r.get("perplexity", {}) for _, r in runs)
     lm_eval = list(dict.fromkeys(k for _, r in runs for k in r.get("lm_eval", {})))
     skills = ["mean EM", "refusal", "over-refusal"] if domains else []  # the built-in tokenizer's columns
     header = ["model", *domains, *skills, *(["ppl (eval.data)"] if held_out else []), *lm_eval, "active params",
@@ -87,7 +87,7 @@ def comparison_table(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
         scores = [em[d]["exact_match"] if d in em else None for d in domains]
         known = [s for s in scores if s is not None]
         safety = em.get("safety", {})
-        ppl = [fmt(r.get("perplexity", {}).get(HELD_OUT_DOMAIN, {}).get("full"), 2)] if held_out else []
+        ppl = [fmt(r.get("perplexity", {}).get(TEXT_DOMAIN, {}).get("full"), 2)] if held_out else []
         skill_cells = [fmt(sum(known) / len(known) if known else None), fmt(safety.get("refusal_rate")),
                        fmt(safety.get("over_refusal_rate"))] if domains else []
         cells = [label, *map(fmt, scores), *skill_cells, *ppl,

@@ -64,8 +64,8 @@ def scaled_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.3) -> dict:
 
 
 # Files whose fixtures run longest (a subprocess reproduction, the 8-device worker, notebook
-# kernels, lm-eval launcher runs, two-process jax.distributed) go to the xdist workers first: with `--dist loadfile`
-# a long file started last becomes the suite's tail while the other core idles.
+# kernels, lm-eval launcher runs, two-process jax.distributed) go to the xdist workers first:
+# with `--dist loadfile` a long file started last becomes the suite's tail while the other core idles.
 SLOW_FILES_FIRST = ("test_reproduce.py", "test_sharding.py", "test_sharding_models.py", "test_notebooks.py",
                     "test_harness.py", "test_distributed.py")
 _CACHE_SETTINGS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
@@ -75,8 +75,8 @@ _CACHE_SETTINGS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPIL
 def pytest_configure(config):
     """Offline Hugging Face settings and one JAX persistent compilation cache for the whole run:
     this process, every xdist worker (they inherit the environment set here, before they start)
-    and every subprocess they launch
-    (launcher smokes, the quick reproduction, notebook kernels, the sharding worker).
+    and every subprocess they launch (launcher smokes, the quick reproduction, notebook kernels,
+    the sharding worker, the lm-eval launcher).
 
     Many programs recur across them (the tiny configs' forward and generate steps, the
     skills_tiny model's eval and scoring steps). Entries are keyed by the compiled program, so a
@@ -158,19 +158,16 @@ def random_hf_checkpoint(out_dir, family: str = "qwen2_moe", **overrides):
     return out_dir
 
 
-def random_hf_qwen2_moe(out_dir, **overrides):
-    return random_hf_checkpoint(out_dir, "qwen2_moe", **overrides)
-
-
 _TOKENIZER_TEXT = ("Question: what is two plus three? Answer: five #### 5",
                    "The quick brown fox jumps over the lazy dog near the river bank.",
                    "Experts route tokens; a router picks the top two experts for each token.")
 
 
 def write_bpe_tokenizer(out_dir, *, add_bos: bool, vocab_size: int = 120) -> int:
-    """A small BPE tokenizer (sentencepiece-style spaces) written as tokenizer.json +
-    tokenizer_config.json, which transformers' AutoTokenizer loads; with `add_bos` its
-    post-processor prepends <s> as Llama's and DeepSeek's do. Returns its vocabulary size."""
+    """A small BPE tokenizer (sentencepiece-style spaces) trained on a few sentences of the
+    stand-in tasks' vocabulary, written as tokenizer.json + tokenizer_config.json, which
+    transformers' AutoTokenizer loads; with `add_bos` its post-processor prepends <s> as Llama's
+    and DeepSeek's do. Returns its vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

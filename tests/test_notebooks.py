@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import random_hf_qwen2_moe
+from tests.conftest import random_hf_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
@@ -89,7 +89,7 @@ def _tiny_tokenizer(path: Path, texts: list[str]) -> None:
 def test_hf_checkpoint_notebook(tmp_path, monkeypatch):
     from moe_jax.data import skills
 
-    ckpt = random_hf_qwen2_moe(tmp_path / "ckpt")
+    ckpt = random_hf_checkpoint(tmp_path / "ckpt")
     texts = [ex.text.lower() for ex in skills.train_mixture(20, seed=0)]
     _tiny_tokenizer(ckpt, texts)
     (tmp_path / "calib.txt").write_text("\n".join(texts[: len(texts) // 2]) + "\n")

@@ -18,7 +18,7 @@ from moe_jax.pruning import PathfinderSettings, PlanError, k_best_paths
 from moe_jax.pruning import pathfinder as pf
 from moe_jax.pruning.experts import naee_layer
 from moe_jax.scoring import trajectory
-from tests.conftest import random_hf_qwen2_moe, scaled_params, tiny_config, transformers_logits
+from tests.conftest import random_hf_checkpoint, scaled_params, tiny_config, transformers_logits
 
 
 def _batches(cfg, n=2, B=3, T=10, seed=0):
@@ -238,7 +238,7 @@ def test_pathfinder_keeps_experts_on_paths_and_layers_differ():
 
 
 def test_uniform_expert_removal_exports_to_transformers(tmp_path):
-    random_hf_qwen2_moe(tmp_path / "orig")
+    random_hf_checkpoint(tmp_path / "orig")
     cfg, params = hf.load_pretrained(tmp_path / "orig", dtype="float32")
     scores = scoring.collect(cfg, params, _batches(cfg, 2), ["routing"], progress=False)
     plan = pruning.select(cfg, scores, "frequency", "uniform", 0.25)

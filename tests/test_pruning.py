@@ -10,7 +10,7 @@ from moe_jax import hf, pruning
 from moe_jax.model import forward
 from moe_jax.pruning import PlanError, PruningPlan
 from moe_jax.scoring import Scores
-from tests.conftest import random_hf_qwen2_moe, scaled_params, tiny_config, transformers_logits
+from tests.conftest import random_hf_checkpoint, scaled_params, tiny_config, transformers_logits
 
 
 def _scores(cfg, seed=0, name="fisher", skew=None):
@@ -128,7 +128,7 @@ def test_plan_json_round_trip_and_foreign_model(tmp_path):
 
 # ------------------------------------------------------------------------ export
 def _hf_model(tmp_path):
-    path = random_hf_qwen2_moe(tmp_path / "orig", num_hidden_layers=3, moe_intermediate_size=24, num_experts=6,
+    path = random_hf_checkpoint(tmp_path / "orig", num_hidden_layers=3, moe_intermediate_size=24, num_experts=6,
                                mlp_only_layers=[1])
     return hf.load_pretrained(path, dtype="float32")
 

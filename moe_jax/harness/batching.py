@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from moe_jax.model.decode import left_pad
+
 MIN_BUCKET = 16
 
 
@@ -85,17 +87,12 @@ def score_rows(rows: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: 
 
 def prompt_rows(prompts: Sequence[Sequence[int]], max_length: int, batch_size: int,
                 pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded (tokens_BT, valid_BT) of `batch_size` rows for `model.generate`; empty rows hold
-    one pad token marked valid (generate needs >= 1 real token per row), their output is dropped."""
+    """Left-padded (tokens_BT, valid_BT) of `batch_size` rows for `model.generate` (`decode.left_pad`
+    at the bucket of the longest prompt); a short batch repeats its first prompt, whose extra
+    outputs the caller drops."""
     if not prompts or len(prompts) > batch_size:
         raise ValueError(f"{len(prompts)} prompts for a batch of {batch_size}")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs >= 1 token")
-    width = bucket(max(len(p) for p in prompts), max_length)
-    tokens = np.full((batch_size, width), pad_id, np.int32)
-    valid = np.zeros((batch_size, width), bool)
-    valid[len(prompts):, -1] = True
-    for b, prompt in enumerate(prompts):
-        tokens[b, width - len(prompt):] = prompt
-        valid[b, width - len(prompt):] = True
-    return tokens, valid
+    rows = list(prompts) + [prompts[0]] * (batch_size - len(prompts))
+    return left_pad(rows, pad_id, bucket(max(len(p) for p in prompts), max_length))

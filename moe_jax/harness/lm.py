@@ -104,7 +104,7 @@ class MoeJaxLM(TemplateLM):
         self.tokenizer = configure_pad_token(tokenizer)
         if self.tokenizer.eos_token_id is None:
             raise HarnessError("the tokenizer has no EOS token; lm-eval needs one (end of text, stop string)")
-        self.batch_size_per_gpu = self._batch_size = int(batch_size)
+        self._batch_size = int(batch_size)
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
         self._max_gen_toks = int(max_gen_toks)

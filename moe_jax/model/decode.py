@@ -28,11 +28,16 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype: Any = jnp.float
     return {cfg.layer_name(i): attn.empty_cache(cfg, batch, length, dtype) for i in range(cfg.num_layers)}
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, mask) arrays of shape (B, max_len), prompts right-aligned."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
+             width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) arrays of shape (B, width), prompts right-aligned; `width` defaults to the
+    longest prompt (pass a bucketed width so many calls share one compiled shape)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt needs >= 1 token")
-    width = max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
+    width = longest if width is None else int(width)
+    if width < longest:
+        raise ValueError(f"left_pad: width {width} is shorter than the longest prompt ({longest})")
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), bool)
     for i, p in enumerate(prompts):
