@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from moe_jax import quality
 from moe_jax.evaluation import EvalSettings
 
 
@@ -58,7 +59,5 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     config.eval = EvalSettings(n_per_domain=50).as_config()
     # lm-eval task scores as columns of the comparison (needs the `eval` extra); no tasks = none.
-    config.lm_eval = ml_collections.ConfigDict(dict(
-        tasks=(), include_path="", num_fewshot=-1, limit=0, batch_size=8, max_length=0, max_gen_toks=256,
-        tokenizer=""))  # tokenizer: a directory transformers loads; "" = the checkpoint's own
+    config.lm_eval = quality.lm_eval_config()
     return config

@@ -29,13 +29,8 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from moe_jax import evaluation, hf, launch, pruning, scoring  # noqa: E402
+from moe_jax import evaluation, hf, launch, pruning, quality, scoring  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
-
-try:  # the `eval` extra (requirements-eval.txt): lm-eval scores as columns when config.lm_eval.tasks is set
-    from moe_jax import harness  # noqa: E402
-except ImportError:
-    harness = None
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/prune.py (or a variant).", lock_config=True)
@@ -155,29 +150,6 @@ def evaluate_run(label: str, cfg: ModelConfig, params: Params, tokenizer, settin
     return results
 
 
-def lm_eval_scorer(config, path: Path):
-    """fn(cfg, params) -> {"task metric": value} on config.lm_eval.tasks (tasks and their data are
-    loaded now, so a bad task fails before any model is evaluated); None when no tasks are set."""
-    c = config.lm_eval
-    if not c.tasks:
-        return None
-    if harness is None:
-        raise ValueError("config.lm_eval.tasks needs lm-eval: pip install -r requirements-eval.txt")
-    manager = harness.task_manager(c.include_path or None)
-    tasks = harness.load_tasks(c.tasks, manager)
-    tokenizer = harness.MoeJaxLM.load_tokenizer(c.tokenizer or path)
-    stop_token_ids = harness.generation_eos_ids(path)
-
-    def score(cfg: ModelConfig, params: Params) -> dict[str, float]:
-        lm = harness.MoeJaxLM(cfg, params, tokenizer, batch_size=c.batch_size, max_length=c.max_length or None,
-                              max_gen_toks=c.max_gen_toks, stop_token_ids=stop_token_ids)
-        results = harness.simple_evaluate(lm, list(tasks.values()), num_fewshot=c.num_fewshot, limit=c.limit,
-                                          seed=config.calibration.seed)
-        return harness.scores(results)
-
-    return score
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -190,7 +162,7 @@ def main(argv: list[str]) -> None:
         path = find_model(config, workdir)
         cfg, params = evaluation.load_model(path, config.dtype)
         tokenizer = evaluation.load_eval_tokenizer(config.tokenizer, path, cfg)
-        lm_eval = lm_eval_scorer(config, path)
+        lm_eval = quality.lm_eval_scorer(config.lm_eval, path, config.calibration.seed)
     except (FileNotFoundError, ValueError) as err:  # train.TrainError and harness.HarnessError are ValueErrors
         raise app.UsageError(str(err)) from None
     params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded

@@ -428,7 +428,7 @@ def evaluate(cfg: ModelConfig, params: Params, tokenizer: Tokenizer,
         scored = exact_match(cfg, params, tokenizer, [ex for exs in examples.values() for ex in exs],
                              settings.batch_size, settings.max_new_tokens, masks)
         results["exact_match"], results["predictions"] = scored["per_domain"], scored["predictions"]
-        rows = _rows_within_logit_budget(settings.batch_size, _SKILLS_MAX_LEN, cfg.vocab_size)
+        rows = rows_within_logit_budget(settings.batch_size, _SKILLS_MAX_LEN, cfg.vocab_size)
         batches.update(skills_batches(examples, tokenizer, rows))
     elif settings.skills == "off":
         results["skipped"] = ["skills exact match and perplexity (skills='off')"]
@@ -436,7 +436,7 @@ def evaluate(cfg: ModelConfig, params: Params, tokenizer: Tokenizer,
         results["skipped"] = ["skills exact match and perplexity (the tokenizer is not the built-in byte "
                               "tokenizer; set skills='on' to force them)"]
     if settings.data:
-        rows = _rows_within_logit_budget(settings.batch_size, settings.seq_len, cfg.vocab_size)
+        rows = rows_within_logit_budget(settings.batch_size, settings.seq_len, cfg.vocab_size)
         batches[TEXT_DOMAIN] = text_batches(settings.data, tokenizer, settings.seq_len, settings.data_rows,
                                             rows)
         results["data"] = settings.data
@@ -449,7 +449,7 @@ def evaluate(cfg: ModelConfig, params: Params, tokenizer: Tokenizer,
     return results
 
 
-def _rows_within_logit_budget(batch_size: int, seq_len: int, vocab_size: int) -> int:
+def rows_within_logit_budget(batch_size: int, seq_len: int, vocab_size: int) -> int:
     """Rows per perplexity batch such that its float32 logits stay within _LOGIT_BUDGET_BYTES."""
     return max(1, min(batch_size, _LOGIT_BUDGET_BYTES // (4 * seq_len * vocab_size)))
 

@@ -15,6 +15,7 @@ import jax
 import pytest
 
 from moe_jax.config import ModelConfig
+from moe_jax.data import lm_eval_tasks
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -158,31 +159,8 @@ def random_hf_checkpoint(out_dir, family: str = "qwen2_moe", **overrides):
     return out_dir
 
 
-_TOKENIZER_TEXT = ("Question: what is two plus three? Answer: five #### 5",
-                   "The quick brown fox jumps over the lazy dog near the river bank.",
-                   "Experts route tokens; a router picks the top two experts for each token.")
-
-
-def write_bpe_tokenizer(out_dir, *, add_bos: bool, vocab_size: int = 120) -> int:
-    """A small BPE tokenizer (sentencepiece-style spaces) trained on a few sentences of the
-    stand-in tasks' vocabulary, written as tokenizer.json + tokenizer_config.json, which
-    transformers' AutoTokenizer loads; with `add_bos` its post-processor prepends <s> as Llama's
-    and DeepSeek's do. Returns its vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    tok.train_from_iterator(list(_TOKENIZER_TEXT) * 20, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                           special_tokens=[("<s>", 1)])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    return tok.get_vocab_size()
+# A small BPE tokenizer whose post-processor can add BOS; its one home is the stand-in task module.
+write_bpe_tokenizer = lm_eval_tasks.write_tokenizer
 
 
 def transformers_logits(path, tokens):

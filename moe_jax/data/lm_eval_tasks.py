@@ -3,7 +3,8 @@
 They exercise every path a real benchmark takes (multiple-choice loglikelihoods, few-shot
 generate_until with stop strings and a GSM8K-style regex filter, loglikelihood_rolling over
 documents longer than a small max_length) in seconds and offline; their scores mean nothing.
-`write(root)` puts the YAMLs and JSON-lines files in `root`; pass it as `include_path`.
+`write(root)` puts the YAMLs and JSON-lines files in `root`; pass it as `include_path`;
+`write_tokenizer(dir)` a small BPE tokenizer for their vocabulary, as transformers loads it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 
 import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 _FOX = "The quick brown fox jumps over the lazy dog near the river bank."
 
@@ -66,3 +68,28 @@ def write(root: str | os.PathLike) -> Path:
     for name, spec in tasks.items():
         (root / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **spec}, sort_keys=False))
     return root
+
+
+_TOKENIZER_TEXT = ("Question: what is two plus three? Answer: five #### 5",
+                   "The quick brown fox jumps over the lazy dog near the river bank.",
+                   "Experts route tokens; a router picks the top two experts for each token.")
+
+
+def write_tokenizer(out_dir: str | os.PathLike, *, add_bos: bool, vocab_size: int = 120) -> int:
+    """A small BPE tokenizer (sentencepiece-style spaces) trained on a few sentences of the tasks'
+    vocabulary, written as tokenizer.json + tokenizer_config.json, which transformers' AutoTokenizer
+    loads; with `add_bos` its post-processor prepends <s> as Llama's and DeepSeek's do. Returns its
+    vocabulary size."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.train_from_iterator(list(_TOKENIZER_TEXT) * 20, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 1)])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return tok.get_vocab_size()
