@@ -58,7 +58,8 @@ def run(config, workdir: Path, mesh=None) -> dict:
         raise app.UsageError(f"--config.model_path={config.model_path!r}: no Hugging Face checkpoint there "
                              "(config.json missing)")
     try:
-        tasks = load_tasks(config.tasks, task_manager(config.include_path or None))
+        manager = task_manager(config.include_path or None)
+        tasks = load_tasks(config.tasks, manager)
         lm = MoeJaxLM.from_pretrained(
             config.model_path, dtype=config.dtype, tokenizer=config.tokenizer or None, plan=config.plan or None,
             trimming=config.trimming or None, batch_size=config.batch_size, max_length=config.max_length or None,
@@ -73,7 +74,7 @@ def run(config, workdir: Path, mesh=None) -> dict:
     start = time.perf_counter()
     try:
         results = simple_evaluate(lm, tasks.values(), num_fewshot=config.num_fewshot, limit=config.limit,
-                                  seed=config.seed, use_cache=cache)
+                                  seed=config.seed, use_cache=cache, manager=manager)
     finally:
         lm.release_followers()
     seconds = time.perf_counter() - start

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from moe_jax import evaluation, hf, launch, pruning, quality, scoring  # noqa: E402
+from moe_jax import evaluation, hf, launch, pruning, quality, reporting, scoring  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -107,10 +107,6 @@ def train_default(config, workdir: Path) -> Path:
     return workdir / "model"
 
 
-def run_label(method: str, scope: str, ratio: float) -> str:
-    return f"{method}-{scope}@{ratio:g}"
-
-
 def calibrate(cfg: ModelConfig, params: Params, tokenizer, config, statistics: Sequence[str],
               workdir: Path, model_id: str = "") -> scoring.Scores:
     """One calibration pass for every statistic the methods need; cached in WORKDIR/scores.npz
@@ -176,7 +172,7 @@ def main(argv: list[str]) -> None:
         needed = sorted({s for m, _, _ in methods for s in METHODS[m]}) or ["routing"]
         scores = calibrate(cfg, params, tokenizer, config, needed, workdir, scoring.model_digest(cfg, params))
     for method, scope, ratio in methods:
-        label = run_label(method, scope, ratio)
+        label = reporting.run_label(method, scope, ratio)
         plan = pruning.select(cfg, scores, method, scope, ratio, min_dims_per_expert=config.min_dims_per_expert,
                               drop_empty_experts=config.drop_empty_experts, params=params, seed=config.calibration.seed)
         plan.save(workdir / "plans" / f"{label}.json")

@@ -11,6 +11,14 @@
 3. WORKDIR/RESULTS.md (every table, laid out like the papers, PNGs linked) and
    WORKDIR/results.json (every number, jax/flax versions, machine), written atomically.
 
+A paper config (configs/papers/*.py: the main job's config with a `paper` node) runs instead
+the main job on `--config.model_path` (or, with `--config.smoke=True`, on a tiny random model of
+the paper's family with stand-in tasks) as the stage WORKDIR/paper/, then writes the paper's
+table, our numbers beside the published ones, to WORKDIR/RESULTS.md and results.json:
+
+    python experiments/reproduce.py --config=configs/papers/reap_qwen3.py --workdir=/tmp/reap \
+        --config.model_path=/ckpt/Qwen3-30B-A3B
+
 `config.jobs` > 1 runs that many stages at once (CI's quick run: their timings then share the
 machine and mean nothing). A failed stage is reported and the others still run
 (`config.keep_going`); the exit status is then non-zero and RESULTS.md says which section is missing.
@@ -31,8 +39,9 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from moe_jax import launch  # noqa: E402,F401  (defines --mesh, passed on to a paper config's main job)
 from moe_jax.reporting import atomic_write  # noqa: E402
-from moe_jax.reproduction import book, stages  # noqa: E402
+from moe_jax.reproduction import book, paper, stages  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/reproduce.py.", lock_config=True)
@@ -51,20 +60,60 @@ def check_config(config) -> None:
         raise app.UsageError(f"--config.jobs={config.jobs}: expected at least 1 stage at a time")
 
 
+def log_to(path: Path):
+    def log(line: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {line}"
+        print(line, flush=True)
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    return log
+
+
+def reproduce_paper(config, workdir: Path) -> None:
+    """Run the main job on a paper config (stage WORKDIR/paper/), then write the paper's table."""
+    user = {k: v for k, v in config_flags.get_override_values(FLAGS["config"]).items()
+            if k != "smoke" and not k.startswith("paper.")}
+    if config.smoke:
+        overrides = {**paper.smoke_overrides(config.paper, workdir / "smoke"), **user}
+    elif not config.model_path:
+        raise app.UsageError(f"{config.paper.title}: set --config.model_path to a local copy of "
+                             f"{config.paper.checkpoint} (or --config.smoke=True for a tiny stand-in run)")
+    else:
+        overrides = user
+    config_file = stages.repo_relative(Path(config_flags.get_config_filename(FLAGS["config"])).resolve(), REPO)
+    stage = stages.Stage("paper", "experiments/prune.py", config_file, ("comparison.md",),
+                         fixed_flags=(f"--mesh={FLAGS.mesh}",) if FLAGS.mesh else ())
+    model = Path(overrides.pop("model_path", config.model_path)).expanduser().resolve()
+    log = log_to(workdir / "reproduce.log")
+    log(f"{config.paper.title}{' (smoke)' if config.smoke else ''} into {workdir}")
+    t0 = time.time()
+    env = stages.subprocess_env(REPO, workdir / ".jax_cache")
+    record = stages.run_stage(stage, REPO, workdir / "paper", overrides, model, stages.model_digest(model), env, log)
+    ran = {paper.BASELINE, *(paper.run_of((None, *paper.parse_method(name), ratio))
+                             for name, ratio in overrides.get("methods", config.methods))}
+    table = paper.collect(workdir / "paper", config.paper, smoke=config.smoke, runs=ran)
+    table.update(stage=record, seconds=time.time() - t0, versions=book.versions(), machine=book.machine())
+    atomic_write(workdir / "results.json", json.dumps(table, indent=1, allow_nan=False))
+    atomic_write(workdir / "RESULTS.md", paper.render(table))
+    log(f"wrote {workdir / 'RESULTS.md'} and results.json ({time.time() - t0:.0f} s)")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir).resolve()
+    if "paper" in config:
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            return reproduce_paper(config, workdir)
+        except (FileNotFoundError, paper.PaperConfigError) as err:
+            raise app.UsageError(str(err)) from None
+        except stages.StageError as err:
+            raise SystemExit(str(err)) from None
     check_config(config)
     workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / "reproduce.log"
-
-    def log(line: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {line}"
-        print(line, flush=True)
-        with open(log_path, "a") as f:
-            f.write(line + "\n")
+    log = log_to(workdir / "reproduce.log")
 
     overrides = (config.quick_overrides if config.quick else config.overrides).to_dict()
     env = stages.subprocess_env(REPO, workdir / ".jax_cache" if config.compilation_cache else None)

@@ -58,7 +58,7 @@ def lm_eval_scorer(lm_config: Mapping[str, Any] | Any, path: str | os.PathLike, 
                               max_length=c.max_length or None, max_gen_toks=c.max_gen_toks,
                               stop_token_ids=stop_token_ids)
         results = harness.simple_evaluate(lm, list(tasks.values()), num_fewshot=c.num_fewshot, limit=c.limit,
-                                          seed=seed)
+                                          seed=seed, manager=manager)
         return harness.scores(results)
 
     return score

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 TEXT_DOMAIN = "text"  # perplexity of a `load_texts` corpus (`eval.data`) is reported under this domain name
 
 
+def run_label(method: str, scope: str, ratio: float) -> str:
+    """The name of one pruning run in tables and file names: "fisher-global@0.5"."""
+    return f"{method}-{scope}@{ratio:g}"
+
+
 def fmt(value: Any, digits: int = 3) -> str:
     """A table cell: the number with `digits` decimals, or "–" for None / NaN / inf."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):

@@ -46,6 +46,13 @@ def qwen15_moe_config(**sizes: int) -> ModelConfig:
     return ModelConfig.from_hf_config(hf, source="Qwen1.5-MoE-A2.7B (synthetic)")
 
 
+def scaled_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.3, dtype: Any = jnp.float32) -> dict:
+    """`transformer.init` with every weight matrix at std `scale` instead of 0.02 (padding stays zero),
+    so that in tiny random models routing, pruning and masks visibly change the outputs."""
+    params = transformer.init(cfg, jax.random.PRNGKey(seed), dtype)
+    return jax.tree_util.tree_map(lambda x: x * (scale / 0.02) if x.ndim > 1 else x, params)
+
+
 def random_params(cfg: ModelConfig, seed: int = 0, dtype: Any = jnp.bfloat16, router_scale: float = 40.0) -> dict:
     """`transformer.init` weights with every router kernel multiplied by `router_scale`.
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import pytest
 
+from moe_jax import synthetic
 from moe_jax.config import ModelConfig
 from moe_jax.data import lm_eval_tasks
 
@@ -55,20 +56,15 @@ def tiny_config(family: str = "qwen2_moe", **overrides) -> ModelConfig:
     return ModelConfig.create(num_experts=num_experts, moe_intermediate_size=width, dense_layers=dense, **base)
 
 
-def scaled_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.3) -> dict:
-    """init() with weights scaled from std 0.02 to `scale` (padding stays zero), so routing and
-    masks visibly matter."""
-    from moe_jax.model import init
-
-    params = init(cfg, jax.random.PRNGKey(seed))
-    return jax.tree_util.tree_map(lambda x: x * (scale / 0.02) if x.ndim > 1 else x, params)
+# init() with weights at std 0.3, so routing and masks visibly matter; its one home is moe_jax.synthetic.
+scaled_params = synthetic.scaled_params
 
 
 # Files whose fixtures run longest (a subprocess reproduction, the 8-device worker, notebook
 # kernels, lm-eval launcher runs, two-process jax.distributed) go to the xdist workers first:
 # with `--dist loadfile` a long file started last becomes the suite's tail while the other core idles.
 SLOW_FILES_FIRST = ("test_reproduce.py", "test_sharding.py", "test_sharding_models.py", "test_notebooks.py",
-                    "test_harness.py", "test_distributed.py")
+                    "test_harness.py", "test_papers.py", "test_distributed.py")
 _CACHE_SETTINGS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
 

@@ -76,10 +76,11 @@ def scores(results: dict) -> dict[str, float]:
 
 
 def simple_evaluate(lm: MoeJaxLM, tasks: Sequence, *, num_fewshot: int = -1, limit: int = 0, seed: int = 0,
-                    use_cache: str | None = None) -> dict:
+                    use_cache: str | None = None, manager: TaskManager | None = None) -> dict:
     """`lm_eval.simple_evaluate` with per-request samples logged, one seed for every RNG lm-eval
-    seeds, no bootstrap; num_fewshot < 0 keeps each task's default and limit 0 means every document."""
+    seeds, no bootstrap; num_fewshot < 0 keeps each task's default and limit 0 means every document.
+    Pass the `manager` the tasks came from: without one lm-eval indexes every task YAML again."""
     return evaluator.simple_evaluate(
         model=lm, tasks=list(tasks), num_fewshot=None if num_fewshot < 0 else num_fewshot, limit=limit or None,
         use_cache=use_cache, log_samples=True, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
-        torch_random_seed=seed, fewshot_random_seed=seed)
+        torch_random_seed=seed, fewshot_random_seed=seed, task_manager=manager)
