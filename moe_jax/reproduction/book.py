@@ -4,8 +4,10 @@
 bench tables) with the versions and the machine; `render` lays the tables out like the papers:
 Fisher-MoE methods x domains at 50% + sensitivity + memory/throughput; Pathfinder methods x
 domains per ratio + per-layer retention; the dense / standard / trimmed trade-off with router
-safety; the safety table; the dispatch benchmark. A stage that failed or was not run gets a
-line saying so instead of its section.
+safety; the safety table; the dispatch benchmark. Rows that carry quality columns (`moe_jax.quality`:
+held-out perplexity, lm-eval scores) show them; rows without skills scores (a checkpoint with
+its own tokenizer) show only those. A stage that failed or was not run gets a line saying so
+instead of its section.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from moe_jax.quality import PPL_COLUMN
 from moe_jax.reporting import _jsonable, fmt
 
 DOMAINS = ("arithmetic", "facts", "code", "language", "safety")
@@ -103,6 +106,27 @@ def _em_cells(r: dict) -> list[str]:
 EM_HEADER = [*DOMAINS, "mean EM", "refusal", "over-refusal"]
 
 
+def quality_header(rows) -> list[str]:
+    """The quality columns (`moe_jax.quality`: held-out perplexity, lm-eval scores) that any of
+    these result rows carries under "quality", in first-seen order; [] when none does."""
+    return list(dict.fromkeys(k for r in rows for k in r.get("quality", {})))
+
+
+def quality_cells(r: dict, header: list[str]) -> list[str]:
+    """One row's cells under `quality_header` (perplexity to 2 decimals, scores to 3)."""
+    q = r.get("quality", {})
+    return [fmt(q.get(k), 2 if k == PPL_COLUMN else 3) for k in header]
+
+
+def score_columns(rows) -> tuple[list[str], Any]:
+    """(header, cells(row)) of result rows: the skills columns when the rows have them (the built-in
+    byte tokenizer's exact match), then their quality columns."""
+    rows = list(rows)
+    skills, quality = any("mean_em" in r for r in rows), quality_header(rows)
+    return ([*(EM_HEADER if skills else []), *quality],
+            lambda r: [*(_em_cells(r) if skills else []), *quality_cells(r, quality)])
+
+
 def _split_key(key: str) -> tuple[str, str, float]:
     method, scope, ratio = key.rsplit("/", 2)
     return method, scope, float(ratio)
@@ -122,25 +146,30 @@ def render_fisher(r: dict) -> list[str]:
              f"Calibration {r['calibration_seconds']:.1f} s; Fisher step / plain forward + backward per token: "
              f"{r['scoring_cost']['ratio']:.2f}x.", "", "### Methods x domains, 50% of routed-expert dims removed", ""]
     half = [(k, v) for k, v in r["sweep"].items() if _split_key(k)[2] == 0.5]
-    lines += _table(["ranking / scope", *EM_HEADER],
-                    [["unpruned", *_em_cells(base)]] + [[f"{m} / {s}", *_em_cells(v)]
-                                                        for (m, s, _), v in ((_split_key(k), v) for k, v in half)])
-    cols = sorted({(s, ratio) for _, s, ratio in map(_split_key, r["sweep"])}, key=lambda c: (c[0], c[1]))
-    methods = list(dict.fromkeys(_split_key(k)[0] for k in r["sweep"]))
-    lines += ["", f"### Mean exact match, every scope and ratio (unpruned {fmt(base['mean_em'])})", ""]
-    lines += _table(["ranking", *(f"{s} {ratio:.0%}" for s, ratio in cols)],
-                    [[m, *(fmt(r["sweep"].get(f"{m}/{s}/{ratio:g}", {}).get("mean_em")) for s, ratio in cols)]
-                     for m in methods])
-    lines += ["", "![sweep](fisher_moe/sweep.png)", "", "### Sensitivity: the k highest-ranked dims removed", ""]
+    header, cells = score_columns([base, *r["sweep"].values()])
+    lines += _table(["ranking / scope", *header],
+                    [["unpruned", *cells(base)]] + [[f"{m} / {s}", *cells(v)]
+                                                    for (m, s, _), v in ((_split_key(k), v) for k, v in half)])
+    if "mean_em" in base:
+        cols = sorted({(s, ratio) for _, s, ratio in map(_split_key, r["sweep"])}, key=lambda c: (c[0], c[1]))
+        methods = list(dict.fromkeys(_split_key(k)[0] for k in r["sweep"]))
+        lines += ["", f"### Mean exact match, every scope and ratio (unpruned {fmt(base['mean_em'])})", ""]
+        lines += _table(["ranking", *(f"{s} {ratio:.0%}" for s, ratio in cols)],
+                        [[m, *(fmt(r["sweep"].get(f"{m}/{s}/{ratio:g}", {}).get("mean_em")) for s, ratio in cols)]
+                         for m in methods])
+        lines += ["", "![sweep](fisher_moe/sweep.png)"]
+    lines += ["", "### Sensitivity: the k highest-ranked dims removed", ""]
     sens = sorted(r["sensitivity"].items(), key=lambda kv: (kv[0].split("/")[1], int(kv[0].split("/")[0][3:])))
-    lines += _table(["ranking", "k", *EM_HEADER],
-                    [[k.split("/")[1], k.split("/")[0][3:], *_em_cells(v)] for k, v in sens])
-    lines += ["", "![sensitivity](fisher_moe/sensitivity.png)"]
+    header, cells = score_columns(r["sensitivity"].values())
+    lines += _table(["ranking", "k", *header], [[k.split("/")[1], k.split("/")[0][3:], *cells(v)] for k, v in sens])
+    if "mean_em" in base:
+        lines += ["", "![sensitivity](fisher_moe/sensitivity.png)"]
     if r.get("answer_only_ablation"):
         lines += ["", "### Ablation: Fisher of the answer tokens only (global scope)", ""]
-        lines += _table(["calibration loss / ratio", *EM_HEADER],
-                        [[f"answer-only / {k}", *_em_cells(v)] for k, v in r["answer_only_ablation"].items()] +
-                        [[f"full sequence / {k}", *_em_cells(r["sweep"][f"fisher/global/{k}"])]
+        header, cells = score_columns(r["answer_only_ablation"].values())
+        lines += _table(["calibration loss / ratio", *header],
+                        [[f"answer-only / {k}", *cells(v)] for k, v in r["answer_only_ablation"].items()] +
+                        [[f"full sequence / {k}", *cells(r["sweep"][f"fisher/global/{k}"])]
                          for k in r["answer_only_ablation"] if f"fisher/global/{k}" in r["sweep"]])
     mem, q = r["memory"]["this_model"], r["memory"]["qwen1.5-moe-a2.7b"]
     lines += ["", "### Memory at 50% of routed dims (Fisher, compacted)", ""]
@@ -182,13 +211,14 @@ def recon_cost_table(recon_cost: dict[str, dict[str, float]]) -> list[str]:
 def render_pathfinder(r: dict) -> list[str]:
     base = r["baseline"]
     results = {_split_key(k): v for k, v in r["results"].items()}
+    header, cells = score_columns([base, *results.values()])
     lines = ["## MoE Pathfinder and expert pruning (experiments/pathfinder.py)", ""]
     for ratio in sorted({k[2] for k in results}):
-        rows = sorted(((k, v) for k, v in results.items() if k[2] == ratio), key=lambda kv: -kv[1]["mean_em"])
+        rows = sorted(((k, v) for k, v in results.items() if k[2] == ratio), key=lambda kv: -kv[1].get("mean_em", 0))
         lines += [f"### Methods x domains, {ratio:.0%} of experts removed", ""]
-        lines += _table(["method / allocation", *EM_HEADER, "expert bytes kept"],
-                        [["unpruned", *_em_cells(base), "1.00"]] +
-                        [[f"{m} / {a}", *_em_cells(v), f"{v['routed_bytes_kept']:.2f}"] for (m, a, _), v in rows])
+        lines += _table(["method / allocation", *header, "expert bytes kept"],
+                        [["unpruned", *cells(base), "1.00"]] +
+                        [[f"{m} / {a}", *cells(v), f"{v['routed_bytes_kept']:.2f}"] for (m, a, _), v in rows])
         lines.append("")
     layers = len(next(iter(results.values()))["experts_per_layer"]) if results else 0
     lines += ["### Per-layer retention (experts kept per MoE layer)", ""]
@@ -230,30 +260,35 @@ def render_tradeoff(r: dict, audit: dict | None, trimming_config: dict | None) -
              "of held-out safety prompts on every row, and the route-forcing attack success rate and routing "
              "monitor from the router audit where it audited the same model (standard = the audit's unpruned "
              "row; trimmed @ t = its trimmed row, same target and calibration data).", ""]
+    skills, quality = any("mean_em" in v for v in r["results"].values()), quality_header(r["results"].values())
     rows = []
     for label, v in r["results"].items():
         a = _audit_match(label, trimming_config, audit)
         rows.append([label, f"{v['active_routed_params']:,.0f}", f"{v['routed_vs_top_k']:.2f}",
                      f"{v['active_params_total']:,.0f}", f"{v['weight_bytes'] / 2**20:.2f}",
-                     fmt(v["decode_latency_ms_per_token"], 2), fmt(v["decode_tokens_per_s"], 0), fmt(v["mean_em"]),
-                     fmt(v.get("refusal"), 2), fmt(v.get("over_refusal"), 2),
+                     fmt(v["decode_latency_ms_per_token"], 2), fmt(v["decode_tokens_per_s"], 0),
+                     *([fmt(v["mean_em"]), fmt(v.get("refusal"), 2), fmt(v.get("over_refusal"), 2)] if skills else []),
+                     *quality_cells(v, quality),
                      fmt(a["attacks"]["route_forcing"]["asr"]) if a else "not audited",
                      f"{fmt(a['monitor']['tpr'])} / {fmt(a['monitor']['fpr'])}" if a else "not audited"])
     lines += _table(["run", "routed params/token", "vs top-k", "active params/token", "weights MiB",
-                     "decode ms/token", "decode tok/s", "mean EM", "refusal", "over-refusal", "ASR route forcing",
-                     "monitor TPR / FPR"], rows)
-    lines += ["", "### Per-domain exact match", ""]
-    lines += _table(["run", *EM_HEADER], [[label, *_em_cells(v)] for label, v in r["results"].items()])
+                     "decode ms/token", "decode tok/s", *(["mean EM", "refusal", "over-refusal"] if skills else []),
+                     *quality, "ASR route forcing", "monitor TPR / FPR"], rows)
+    if skills:
+        lines += ["", "### Per-domain exact match", ""]
+        lines += _table(["run", *EM_HEADER], [[label, *_em_cells(v)] for label, v in r["results"].items()])
     lines += ["", "### Trimming calibration (target = active routed-parameter fraction of top-k)", ""]
     lines += _table(["policy", "tau per layer", "calibration fraction", "held-out fraction", "loss increase"],
                     [[k, ", ".join(f"{t:.3f}" for t in c["taus"].values()), f"{c['calibration_fraction']:.3f}",
                       f"{c['held_out_fraction']:.3f}", f"{c['loss_increase']:+.4f}"]
                      for k, c in r["calibration"].items()])
     lines += ["", "### Accuracy against the active fraction (global tau sweep)", ""]
-    lines += _table(["tau", "active fraction", *EM_HEADER],
-                    [[f"{s['tau']:g}", f"{s['active_fraction']:.3f}", *_em_cells(s)] for s in r["sweep"]])
-    return lines + ["", "![accuracy vs active fraction](trimming/curves.png)", "",
-                    "Routing telemetry (load heatmaps, rotation): `trimming/telemetry/`."]
+    header, cells = score_columns(r["sweep"])
+    lines += _table(["tau", "active fraction", *header],
+                    [[f"{s['tau']:g}", f"{s['active_fraction']:.3f}", *cells(s)] for s in r["sweep"]])
+    if skills:
+        lines += ["", "![accuracy vs active fraction](trimming/curves.png)"]
+    return lines + ["", "Routing telemetry (load heatmaps, rotation): `trimming/telemetry/`."]
 
 
 def render_trim_latency(r: dict) -> list[str]:
@@ -280,6 +315,7 @@ def render_audit(r: dict) -> list[str]:
              f"Safety-critical units: {r['critical']['dims']} dims and experts {r['critical']['experts']}; "
              f"{c['n_attack']} attacked forbidden prompts, {c['n_safety']} held-out safety prompts, {c['n_utility']} "
              "utility prompts per domain. Critical units removed is 0 / 0 for models that remove nothing.", ""]
+    quality = quality_header(r["rows"].values())
     rows = []
     for key, v in r["rows"].items():
         at, transfer = v["attacks"], v["reach"].get("transfer_activations")
@@ -290,10 +326,10 @@ def render_audit(r: dict) -> list[str]:
                      f"{v['reach']['activations']}" + ("" if transfer is None else f" ({transfer})"),
                      f"{fmt(v['monitor']['tpr'])} / {fmt(v['monitor']['fpr'])}",
                      f"{v.get('critical_dims_removed', 0)} / {v.get('critical_experts_removed', 0)}",
-                     f"{v['routed_mib']:.2f}"])
+                     f"{v['routed_mib']:.2f}", *quality_cells(v, quality)])
     return lines + _table(["model", "refusal", "over-refusal", "utility EM", "ASR forcing (strict)", "ASR masking",
                            "ASR silencing", "GCG reach (transfer)", "monitor TPR / FPR",
-                           "critical dims / experts removed", "MiB"], rows)
+                           "critical dims / experts removed", "MiB", *quality], rows)
 
 
 def render_bench(name: str, r: dict) -> list[str]:
