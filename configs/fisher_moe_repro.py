@@ -10,6 +10,10 @@ answer-only-loss Fisher as an ablation.
 
     python experiments/fisher_moe.py --config=configs/fisher_moe_repro.py --workdir=/tmp/fisher_repro
 
+A Hugging Face checkpoint with its own tokenizer: --config.model_path=DIR
+--config.calibration.data=json:calib.jsonl --config.eval.data=json:held_out.jsonl (and/or
+--config.lm_eval.tasks="('arc_easy',)"); the skills exact match is skipped there.
+
 How long (2-core dev CPU): 8 minutes (491 s: calibration 8 s, 82 masked evaluations of 500
 prompts, then throughput of six compacted models).
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from moe_jax import quality
 from moe_jax.scoring import DIM_STATISTICS
 
 
@@ -41,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.new_tokens = 32  # decode tokens/s = (new_tokens - 1) * batch / (generate(new_tokens) - generate(1))
     config.throughput_this_model = True  # False: time only the expert-heavy model (smoke tests)
     config.answer_only_ablation = True
+    # Quality columns of every row, for any checkpoint and tokenizer (moe_jax.quality): perplexity on
+    # held-out text (data: any load_texts spec; "" = none) and lm-eval task scores (no tasks = none).
+    config.eval = quality.eval_config()
+    config.lm_eval = quality.lm_eval_config()
     # A random-weight model whose routed experts dominate the FLOPs, for throughput only.
     config.heavy = ml_collections.ConfigDict(dict(
         enabled=True, vocab_size=512, hidden_size=512, num_layers=4, num_heads=8, num_experts=16, top_k=2,

@@ -7,7 +7,10 @@
    plain forward + backward of the training loss on the same rows, in the same run.
 2. Sweep: method x scope x ratio, each plan simulated with masks on the unpruned model
    (exactly the compacted model's logits; one compilation for all plans) -> exact match per
-   domain, refusal rates, answer perplexity.
+   domain, refusal rates, answer perplexity (built-in byte-tokenizer model), and the quality
+   columns of any checkpoint (`moe_jax.quality`: perplexity on `config.eval.data`, lm-eval
+   scores of `config.lm_eval.tasks`) when configured. A checkpoint with its own tokenizer needs
+   one of those two: the skills exact match is skipped there.
 3. Sensitivity: remove the k highest-ranked dims (Fisher, activation, random) for k = 1, 2, 4...
 4. Memory: parameter bytes before/after 50% for this model (compacted) and for the
    Qwen1.5-MoE-A2.7B config (`jax.eval_shape`, no weights).
@@ -40,11 +43,13 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, launch, pruning, reporting, scoring  # noqa: E402
+from moe_jax import evaluation, launch, pruning, quality, reporting, scoring  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 from moe_jax.data import skills  # noqa: E402
+from moe_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from moe_jax.model import transformer  # noqa: E402
 from moe_jax.reporting import fmt  # noqa: E402
+from moe_jax.reproduction import book  # noqa: E402
 from moe_jax.scoring.collect import _score_step, calibration_rows, micro_batches  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -62,6 +67,36 @@ QWEN15_MOE_A27B = {  # config.json of Qwen/Qwen1.5-MoE-A2.7B (no weights needed)
 
 
 # ============================================================================ pieces
+def skills_scored(tokenizer, measure: quality.Quality) -> bool:
+    """Whether the skills exact match runs: only with the built-in byte tokenizer (another
+    tokenizer's text makes its answers meaningless); then the quality columns must be configured."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return True
+    if not measure.enabled:
+        raise ValueError("this checkpoint has its own tokenizer, so the skills exact match does not apply: set "
+                         "--config.eval.data=<held-out text, any load_texts spec> and/or "
+                         "--config.lm_eval.tasks=\"('arc_easy',)\" for the comparison's columns")
+    print("Skills exact match skipped (it needs the built-in byte tokenizer): the tables carry the quality columns")
+    return False
+
+
+def study_runner(study: evaluation.MaskedStudy, measure: quality.Quality, skills_on: bool):
+    """run(key, masks) -> the row: skills scores when `skills_on`, plus "quality" when configured;
+    both kept in the study's progress file, so a resumed run recomputes no finished row."""
+
+    def run(key: str, masks: dict | None) -> dict[str, Any]:
+        got = dict(study.run(key, masks)) if skills_on else {}
+        if measure.enabled:
+            got["quality"] = study.runs.get(f"quality {key}")
+            if got["quality"] is None:
+                got["quality"] = measure(study.cfg, study.params, masks)
+                study.runs.put(f"quality {key}", got["quality"])
+                print(f"{key}: {got['quality']}")
+        return got
+
+    return run
+
+
 def top_k_removed_masks(cfg: ModelConfig, ranking: dict[str, np.ndarray], k: int):
     """Masks that remove the k highest-ranked dims of the whole model (NaN = no such dim); every
     expert kept, in the structure of `pruning.masks`, so the sweep's compiled evaluation serves these too."""
@@ -168,12 +203,17 @@ def main(argv: list[str]) -> None:
     logging.getLogger().setLevel(logging.INFO)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    for r in config.ratios:
-        pruning.check_ratio(r)
     path = Path(config.model_path).expanduser() if config.model_path else REPO / config.checkpoint
-    cfg, params = evaluation.load_model(path, "float32")
+    try:
+        for r in config.ratios:
+            pruning.check_ratio(r)
+        cfg, params = evaluation.load_model(path, "float32")
+        tokenizer = evaluation.load_eval_tokenizer("auto", path, cfg)
+        measure = quality.Quality.from_config(config, path, cfg, tokenizer, config.seed)
+        skills_on = skills_scored(tokenizer, measure)
+    except (FileNotFoundError, ValueError) as err:  # harness.HarnessError is a ValueError
+        raise app.UsageError(str(err)) from None
     params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
-    tokenizer = evaluation.load_eval_tokenizer("auto", path, cfg)
     t_start = time.perf_counter()
 
     c = config.calibration
@@ -191,7 +231,7 @@ def main(argv: list[str]) -> None:
     examples = [ex for d in skills.DOMAINS for ex in skills.eval_set(d, config.n_per_domain, config.seed)]
     study = evaluation.MaskedStudy(cfg, params, tokenizer, examples, config.batch_size, workdir / "progress.json",
                                    {"config": config.to_dict(), "model": str(path)})
-    run = study.run
+    run = study_runner(study, measure, skills_on)
 
     baseline = run("baseline", None)
     sweep, plans = {}, {}
@@ -239,6 +279,9 @@ def main(argv: list[str]) -> None:
     text = render_report(config, report, baseline, sweep, sensitivity, memory, speed, cost, ablation)
     evaluation.atomic_write(workdir / "report.md", text)
     domains = [d for d in skills.DOMAINS]
+    if not skills_on:
+        print(text)
+        return  # the plots show exact match
     if sweep:
         panels = {f"{scope} scope": {m: (list(config.ratios), [sweep[(m, scope, r)]["mean_em"] for r in config.ratios])
                                      for m in config.methods} for scope in config.scopes}
@@ -253,17 +296,24 @@ def main(argv: list[str]) -> None:
 
 def render_report(config, report, baseline, sweep, sensitivity, memory, speed, cost, ablation) -> str:
     domains = list(skills.DOMAINS)
-    head = "| run | " + " | ".join(domains) + " | mean EM | kept | refusal | over-refusal |"
-    sep = "|---|" + "---:|" * (len(domains) + 4)
+    rows = [baseline, *sweep.values(), *sensitivity.values(), *ablation.values()]
+    skills_on, columns = "mean_em" in baseline, book.quality_header(rows)
+    skill_head = [*domains, "mean EM", "kept", "refusal", "over-refusal"] if skills_on else []
+    head = "| " + " | ".join(["run", *skill_head, *columns]) + " |"
+    sep = "|---|" + "---:|" * (len(skill_head) + len(columns))
 
     def row(label, r):
-        kept = r["mean_em"] / baseline["mean_em"] if baseline["mean_em"] else None
-        return (f"| {label} | " + " | ".join(fmt(r[d]["em"], 2) for d in domains) +
-                f" | {fmt(r['mean_em'])} | {fmt(kept, 2)} | {fmt(r.get('refusal'), 2)} | "
-                f"{fmt(r.get('over_refusal'), 2)} |")
+        cells = book.quality_cells(r, columns)
+        if skills_on:
+            kept = r["mean_em"] / baseline["mean_em"] if baseline["mean_em"] else None
+            cells = [*(fmt(r[d]["em"], 2) for d in domains), fmt(r["mean_em"]), fmt(kept, 2),
+                     fmt(r.get("refusal"), 2), fmt(r.get("over_refusal"), 2), *cells]
+        return f"| {label} | " + " | ".join(cells) + " |"
 
+    prompts = (f"{config.n_per_domain} held-out prompts per domain" if skills_on else
+               "skills exact match skipped (not the built-in byte tokenizer)")
     lines = [f"# Fisher-MoE on {report['model']}", "",
-             f"Device: {report['device']}; {config.n_per_domain} held-out prompts per domain; calibration "
+             f"Device: {report['device']}; {prompts}; calibration "
              f"{config.calibration.data} ({config.calibration.n_per_domain}/domain). "
              f"Total {report['seconds']:.0f} s.",
              "", "## Method x scope x ratio (routed-expert dims removed)", "", head, sep, row("unpruned", baseline)]
