@@ -12,6 +12,10 @@ Qwen1.5-MoE-shaped layer.
 
     python experiments/pathfinder.py --config=configs/pathfinder.py --workdir=/tmp/pathfinder
 
+A Hugging Face checkpoint with its own tokenizer: --config.model_path=DIR
+--config.calibration.data=json:calib.jsonl --config.eval.data=json:held_out.jsonl (and/or
+--config.lm_eval.tasks="('arc_easy',)"); the skills exact match is skipped there.
+
 How long (2-core dev CPU): about 3 minutes (calibration three times, ~8 s; the oracle, ~26 s;
 the rest the Qwen1.5-shaped layer and 35 masked evaluations of 500 prompts); the
 reproduction's RESULTS.md has each run's seconds.
@@ -20,6 +24,8 @@ reproduction's RESULTS.md has each run's seconds.
 from __future__ import annotations
 
 import ml_collections
+
+from moe_jax import quality
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -40,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.pathfinder = ml_collections.ConfigDict(dict(
         w_prob=1.0, w_strength=0.0, w_recon=1.0, w_transition=1.0, tau=1.0, recon="routed", path_topk=10,
         max_sequences=0, force_keep_z=0.0, counting="posterior", layer_scale="expert"))
+    # Quality columns of every row, for any checkpoint and tokenizer (moe_jax.quality): perplexity on
+    # held-out text (data: any load_texts spec; "" = none) and lm-eval task scores (no tasks = none).
+    config.eval = quality.eval_config()
+    config.lm_eval = quality.lm_eval_config()
     config.removal_oracle = True  # every expert removed alone: its answer-loss cost (E forward passes per layer)
     # (counting, layer_scale, w_strength) of extra Pathfinder / global rows: the reference code's
     # selection, this project's changes one at a time, and the previous default (posterior, recon, 1).

@@ -8,13 +8,17 @@
    separately, on this model and on a Qwen1.5-MoE-shaped layer (random weights).
 2. method x allocation x ratio of experts removed: each plan simulated with expert masks
    (exactly the compacted model's logits) -> exact match per domain, refusal rates, answer
-   perplexity, routed-expert bytes of the compacted model.
+   perplexity (built-in byte-tokenizer model), the quality columns of any checkpoint
+   (`moe_jax.quality`: perplexity on `config.eval.data`, lm-eval scores of `config.lm_eval.tasks`)
+   when configured, routed-expert bytes of the compacted model. A checkpoint with its own
+   tokenizer needs one of those two: the skills exact match is skipped there.
    `config.selection_ablations` add Pathfinder (global) rows with the reference code's selection
    (k-best path counts, no visit price, activation strength in the graph) and with this
    project's changes one at a time: rows `pathfinder[counting,layer_scale,s=w_strength]`.
 3. A heatmap of experts kept per layer, Pathfinder (global) vs uniform allocation.
 4. The oracle the signals approximate: for every expert alone, how much removing it raises the
-   answer loss (summed cross-entropy of the answer tokens) of the calibration examples.
+   answer loss (summed cross-entropy of the answer tokens; of every token for plain-text
+   calibration data) of the calibration examples.
 
 Results: WORKDIR/report.md, report.json, kept_experts.png; progress.json makes it resumable.
 """
@@ -28,6 +32,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +43,10 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, launch, pruning, reporting, scoring  # noqa: E402
+from moe_jax import evaluation, launch, pruning, quality, reporting, scoring  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 from moe_jax.data import skills  # noqa: E402
+from moe_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from moe_jax.model import transformer  # noqa: E402
 from moe_jax.reporting import fmt  # noqa: E402
 from moe_jax.reproduction import book  # noqa: E402
@@ -129,18 +135,50 @@ def qwen15_layer(config):
 
 def removal_cost(cfg: ModelConfig, params, batches) -> dict[str, list[float]]:
     """{layer name: (E,)} rise of the summed answer NLL of `batches` (`evaluation.perplexity`'s
-    answer tokens) when that expert alone is masked out (routing renormalised over the others):
-    E_l forward passes per MoE layer."""
+    answer tokens; every token of plain-text batches, which have no answer) when that expert alone
+    is masked out (routing renormalised over the others): E_l forward passes per MoE layer."""
 
     def answer_nll(layer: int | None = None, expert: int = 0) -> float:
         masks = None if layer is None else {
             cfg.layer_name(layer): {"experts": jnp.ones(cfg.experts_per_layer[layer], jnp.float32).at[expert].set(0.0)}}
         got = evaluation.perplexity(cfg, params, {"calibration": batches}, masks)["calibration"]
+        if got["answer"] is None:
+            return math.log(got["full"]) * got["tokens"]
         return math.log(got["answer"]) * got["answer_tokens"]
 
     base = answer_nll()
     return {cfg.layer_name(lyr): [answer_nll(lyr, e) - base for e in range(cfg.experts_per_layer[lyr])]
             for lyr in cfg.moe_layers}
+
+
+def skills_scored(tokenizer, measure: quality.Quality) -> bool:
+    """Whether the skills exact match runs: only with the built-in byte tokenizer (another
+    tokenizer's text makes its answers meaningless); then the quality columns must be configured."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return True
+    if not measure.enabled:
+        raise ValueError("this checkpoint has its own tokenizer, so the skills exact match does not apply: set "
+                         "--config.eval.data=<held-out text, any load_texts spec> and/or "
+                         "--config.lm_eval.tasks=\"('arc_easy',)\" for the comparison's columns")
+    print("Skills exact match skipped (it needs the built-in byte tokenizer): the tables carry the quality columns")
+    return False
+
+
+def study_runner(study: evaluation.MaskedStudy, measure: quality.Quality, skills_on: bool):
+    """run(key, masks) -> the row: skills scores when `skills_on`, plus "quality" when configured;
+    both kept in the study's progress file, so a resumed run recomputes no finished row."""
+
+    def run(key: str, masks: dict | None) -> dict[str, Any]:
+        got = dict(study.run(key, masks)) if skills_on else {}
+        if measure.enabled:
+            got["quality"] = study.runs.get(f"quality {key}")
+            if got["quality"] is None:
+                got["quality"] = measure(study.cfg, study.params, masks)
+                study.runs.put(f"quality {key}", got["quality"])
+                print(f"{key}: {got['quality']}")
+        return got
+
+    return run
 
 
 def plot_kept(path: Path, cfg: ModelConfig, plans: dict[str, pruning.PruningPlan]) -> None:
@@ -171,9 +209,14 @@ def main(argv: list[str]) -> None:
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     path = Path(config.model_path).expanduser() if config.model_path else REPO / config.checkpoint
-    cfg, params = evaluation.load_model(path, "float32")
+    try:
+        cfg, params = evaluation.load_model(path, "float32")
+        tokenizer = evaluation.load_eval_tokenizer("auto", path, cfg)
+        measure = quality.Quality.from_config(config, path, cfg, tokenizer, config.seed)
+        skills_on = skills_scored(tokenizer, measure)
+    except (FileNotFoundError, ValueError) as err:  # harness.HarnessError is a ValueError
+        raise app.UsageError(str(err)) from None
     params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
-    tokenizer = evaluation.load_eval_tokenizer("auto", path, cfg)
     t_start = time.perf_counter()
     c = config.calibration
     batches = scoring.calibration_batches_from_config(c, tokenizer)
@@ -202,7 +245,7 @@ def main(argv: list[str]) -> None:
     examples = [ex for d in skills.DOMAINS for ex in skills.eval_set(d, config.n_per_domain, config.seed)]
     study = evaluation.MaskedStudy(cfg, params, tokenizer, examples, config.batch_size, workdir / "progress.json",
                                    {"config": config.to_dict(), "model": str(path)})
-    run = study.run
+    run = study_runner(study, measure, skills_on)
 
     baseline = run("baseline", None)
     settings = pruning.PathfinderSettings(**config.pathfinder.to_dict())
@@ -247,20 +290,26 @@ def main(argv: list[str]) -> None:
 
 def render(config, report, baseline, results) -> str:
     domains = list(skills.DOMAINS)
-    head = "| run | experts/layer | " + " | ".join(domains) + " | mean EM | refusal | over-refusal | expert bytes |"
-    sep = "|---|---|" + "---:|" * (len(domains) + 4)
+    skills_on, columns = "mean_em" in baseline, book.quality_header([baseline, *results.values()])
+    skill_head = [*domains, "mean EM", "refusal", "over-refusal"] if skills_on else []
+    head = "| " + " | ".join(["run", "experts/layer", *skill_head, *columns, "expert bytes"]) + " |"
+    sep = "|---|---|" + "---:|" * (len(skill_head) + len(columns) + 1)
+
+    def cells(r) -> list[str]:
+        em = [*(fmt(r[d]["em"], 2) for d in domains), fmt(r["mean_em"]), fmt(r.get("refusal"), 2),
+              fmt(r.get("over_refusal"), 2)] if skills_on else []
+        return [*em, *book.quality_cells(r, columns)]
+
+    prompts = (f"{config.n_per_domain} held-out prompts per domain" if skills_on else
+               "skills exact match skipped (not the built-in byte tokenizer)")
     lines = [f"# MoE Pathfinder on {Path(report['model']).name}", "",
-             f"Device: {report['device']}; {config.n_per_domain} held-out prompts per domain; calibration "
+             f"Device: {report['device']}; {prompts}; calibration "
              f"{config.calibration.data} ({config.calibration.n_per_domain}/domain). Total {report['seconds']:.0f} s.",
              "", "## Experts removed", "", head, sep,
-             "| unpruned | all | " + " | ".join(fmt(baseline[d]["em"], 2) for d in domains) +
-             f" | {fmt(baseline['mean_em'])} | {fmt(baseline.get('refusal'), 2)} | "
-             f"{fmt(baseline.get('over_refusal'), 2)} | 1.00 |"]
-    for (m, a, r), v in sorted(results.items(), key=lambda x: (x[0][2], -x[1]["mean_em"])):
-        lines.append(f"| {m} / {a} / {r:g} | {v['experts_per_layer']} | " +
-                     " | ".join(fmt(v[d]["em"], 2) for d in domains) +
-                     f" | {fmt(v['mean_em'])} | {fmt(v.get('refusal'), 2)} | {fmt(v.get('over_refusal'), 2)} | "
-                     f"{v['routed_bytes_kept']:.2f} |")
+             "| " + " | ".join(["unpruned", "all", *cells(baseline), "1.00"]) + " |"]
+    for (m, a, r), v in sorted(results.items(), key=lambda x: (x[0][2], -x[1].get("mean_em", 0))):
+        lines.append("| " + " | ".join([f"{m} / {a} / {r:g}", str(v["experts_per_layer"]), *cells(v),
+                                        f"{v['routed_bytes_kept']:.2f}"]) + " |")
     if report["removal_cost"]:
         lines += ["", "## Single-expert removal (the oracle)", "",
                   f"Rise of the summed answer loss (nats) of the {config.calibration.n_per_domain}/domain calibration "
