@@ -12,12 +12,18 @@ routing telemetry (load, dormant experts, rotation) of the standard and the 0.65
 
     python experiments/trimming.py --config=configs/trimming.py --workdir=/tmp/trimming
 
+A Hugging Face checkpoint with its own tokenizer: --config.model_path=DIR
+--config.calibration.data=json:calib.jsonl --config.eval.data=json:held_out.jsonl (and/or
+--config.lm_eval.tasks="('arc_easy',)"); the skills exact match is skipped there.
+
 How long (2-core dev CPU): 10-12 minutes (570-700 s; the per-layer calibrations take 1-1.5 minutes each).
 """
 
 from __future__ import annotations
 
 import ml_collections
+
+from moe_jax import quality
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -43,4 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.pruned_trim_target = 0.65
     config.latency = ml_collections.ConfigDict(dict(batch_size=8, prompt_len=64, new_tokens=32, repeats=3, rounds=3))
     config.telemetry_batches = 10
+    # Quality columns of every row, for any checkpoint and tokenizer (moe_jax.quality): perplexity on
+    # held-out text (data: any load_texts spec; "" = none) and lm-eval task scores (no tasks = none).
+    config.eval = quality.eval_config()
+    config.lm_eval = quality.lm_eval_config()
     return config

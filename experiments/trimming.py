@@ -7,11 +7,17 @@
 2. Rows: dense-equivalent (top_k = every expert), standard top-k, trimmed at each target,
    Fisher-MoE and Pathfinder at `prune_ratio` (compacted, so memory and time are real), and
    Fisher-MoE + trimming calibrated on the pruned model. Accuracy per domain and refusal rates
-   on held-out prompts (cached in progress.json, so a killed run resumes); Active Token
-   Latency, tokens/s and weight memory measured for every row in this run, side by side.
-3. A tau sweep: accuracy per domain against the active fraction (curves.png).
+   on held-out prompts (built-in byte-tokenizer model), and the quality columns of any
+   checkpoint (`moe_jax.quality`: perplexity on `config.eval.data`, lm-eval scores of
+   `config.lm_eval.tasks`) when configured, cached in progress.json, so a killed run resumes;
+   Active Token Latency, tokens/s and weight memory measured for every row in this run, side by side.
+3. A tau sweep: accuracy per domain (and the quality columns) against the active fraction (curves.png).
 4. Routing telemetry of the standard and one trimmed policy over the held-out rows:
    load heatmaps, dormant experts, rotation of the active set between batches.
+
+A checkpoint with its own tokenizer needs `eval.data` or `lm_eval.tasks`: the skills exact match
+(and curves.png) is skipped there, and active fractions and telemetry are measured on the
+`eval.data` text when it is set (else on the skills prompts in that tokenizer).
 
 Results: WORKDIR/report.md, report.json, curves.png, policies/*.json, telemetry/*/.
 """
@@ -33,9 +39,11 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, launch, pruning, reporting, scoring, telemetry, trimming  # noqa: E402
+from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, telemetry, trimming  # noqa: E402
 from moe_jax.data import pipeline, skills  # noqa: E402
+from moe_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from moe_jax.reporting import fmt  # noqa: E402
+from moe_jax.reproduction import book  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/trimming.py.", lock_config=True)
@@ -61,6 +69,38 @@ def _median(values: list) -> float | None:
     noise exceeds a very short decode)."""
     numbers = [v for v in values if v is not None]
     return float(np.median(numbers)) if numbers else None
+
+
+def skills_scored(tokenizer, measure: quality.Quality) -> bool:
+    """Whether the skills exact match runs: only with the built-in byte tokenizer (another
+    tokenizer's text makes its answers meaningless); then the quality columns must be configured."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return True
+    if not measure.enabled:
+        raise ValueError("this checkpoint has its own tokenizer, so the skills exact match does not apply: set "
+                         "--config.eval.data=<held-out text, any load_texts spec> and/or "
+                         "--config.lm_eval.tasks=\"('arc_easy',)\" for the comparison's columns")
+    print("Skills exact match skipped (it needs the built-in byte tokenizer): the tables carry the quality columns")
+    return False
+
+
+def scored(runs: reporting.ResumableRuns, key: str, cfg, params, tok, examples, masks, config,
+           measure: quality.Quality, skills_on: bool) -> dict:
+    """A row's accuracy: skills scores when `skills_on`, plus "quality" when configured; both
+    deterministic, so kept in `runs` and reused by a resumed run."""
+    got = {}
+    if skills_on:
+        got = runs.get(key)
+        if got is None:
+            got = evaluation.skills_scores(cfg, params, tok, examples, masks, config.batch_size)
+            runs.put(key, got)
+    if measure.enabled:
+        q = runs.get(f"quality {key}")
+        if q is None:
+            q = measure(cfg, params, masks)
+            runs.put(f"quality {key}", q)
+        got = {**got, "quality": q}
+    return got
 
 
 def add_pruned_rows(config, cfg, params, tok, calib, workdir: Path, models: dict, rows: dict) -> None:
@@ -91,13 +131,21 @@ def main(argv: list[str]) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     path = Path(config.model_path).expanduser() if config.model_path else REPO / config.checkpoint
-    cfg, params = evaluation.load_model(path, "float32")
+    try:
+        cfg, params = evaluation.load_model(path, "float32")
+        tok = evaluation.load_eval_tokenizer("auto", path, cfg)
+        measure = quality.Quality.from_config(config, path, cfg, tok, config.seed)
+        skills_on = skills_scored(tok, measure)
+    except (FileNotFoundError, ValueError) as err:  # harness.HarnessError is a ValueError
+        raise app.UsageError(str(err)) from None
     params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
-    tok = evaluation.load_eval_tokenizer("auto", path, cfg)
     calib = scoring.calibration_batches_from_config(config.calibration, tok)
     examples = [ex for d in skills.DOMAINS for ex in skills.eval_set(d, config.n_per_domain, config.seed)]
     by_domain = {d: [ex for ex in examples if ex.domain == d] for d in skills.DOMAINS}
-    held_rows = [b for bs in evaluation.skills_batches(by_domain, tok, 16).values() for b in bs]
+    if skills_on or measure.held_out is None:
+        held_rows = [b for bs in evaluation.skills_batches(by_domain, tok, 16).values() for b in bs]
+    else:  # another model's routing is measured on the user's held-out text
+        held_rows = measure.held_out
     lat = config.latency
     prompts = real_prompts(tok, examples[::7], lat.batch_size, lat.prompt_len)
     runs = reporting.ResumableRuns(workdir / "progress.json", {"config": config.to_dict(), "model": str(path)})
@@ -142,10 +190,7 @@ def main(argv: list[str]) -> None:
     results = {}
     for label, (model_key, masks) in rows.items():
         mcfg, mparams = models[model_key]
-        got = runs.get(label)  # accuracy is deterministic: a resumed run reuses it
-        if got is None:
-            got = evaluation.skills_scores(mcfg, mparams, tok, examples, masks, config.batch_size)
-            runs.put(label, got)
+        got = scored(runs, label, mcfg, mparams, tok, examples, masks, config, measure, skills_on)
         stats = trimming.measure(mcfg, mparams, held_rows, masks)
         size = evaluation.model_size(mcfg, mparams)
         if standard_routed is None and model_key == "standard" and masks is None:
@@ -172,17 +217,15 @@ def main(argv: list[str]) -> None:
             results[label][key] = _median([m[key] for m in rounds])
         r = results[label]
         r["routed_vs_top_k"] = r["active_routed_params"] / standard_routed
-        print(f"{label}: mean EM {r['mean_em']:.3f}, routed params/token {r['active_routed_params']:.0f} "
-              f"({r['routed_vs_top_k']:.2f} of top-k), decode {fmt(r['decode_latency_ms_per_token'], 2)} ms/token")
+        print(f"{label}: mean EM {fmt(r.get('mean_em'))}, {r.get('quality', 'no quality')}, routed params/token "
+              f"{r['active_routed_params']:.0f} ({r['routed_vs_top_k']:.2f} of top-k), decode "
+              f"{fmt(r['decode_latency_ms_per_token'], 2)} ms/token")
 
     # 4. tau sweep: accuracy against the active fraction
     sweep = []
     for tau in config.sweep_taus:
         masks = trimming.TrimmingPolicy.for_model(cfg, params, trimming.LayerTrim(float(tau))).masks(cfg, params)
-        got = runs.get(f"sweep tau {tau:g}")
-        if got is None:
-            got = evaluation.skills_scores(cfg, params, tok, examples, masks, config.batch_size)
-            runs.put(f"sweep tau {tau:g}", got)
+        got = scored(runs, f"sweep tau {tau:g}", cfg, params, tok, examples, masks, config, measure, skills_on)
         sweep.append({"tau": tau, "active_fraction": trimming.measure(cfg, params, held_rows, masks).active_fraction,
                       **got})
     panels = {d: {"global tau sweep": ([s["active_fraction"] for s in sweep], [s[d]["em"] for s in sweep]),
@@ -190,8 +233,9 @@ def main(argv: list[str]) -> None:
                                             for t in config.targets if f"trimmed per_layer @ {t:g}" in calibrations],
                                            [results[f"trimmed per_layer @ {t:g}"][d]["em"]
                                             for t in config.targets if f"trimmed per_layer @ {t:g}" in results])}
-              for d in skills.DOMAINS}
-    reporting.plot_lines(workdir / "curves.png", panels, "active routed-expert parameter fraction", logx=False)
+              for d in skills.DOMAINS} if skills_on else {}
+    if panels:  # exact match against the active fraction
+        reporting.plot_lines(workdir / "curves.png", panels, "active routed-expert parameter fraction", logx=False)
 
     # 5. telemetry over held-out rows (domain after domain, so rotation shows the domain changes)
     tel = {}
@@ -215,9 +259,14 @@ def main(argv: list[str]) -> None:
 def render(config, report, tel) -> str:
     domains = list(skills.DOMAINS)
     results = report["results"]
+    skills_on = any("mean_em" in r for r in results.values())
+    columns = book.quality_header([*results.values(), *report["sweep"]])
+    skill_head = [*domains, "mean EM", "refusal", "over-refusal"] if skills_on else []
     lat = config.latency
+    prompts = (f"{config.n_per_domain} held-out prompts per domain" if skills_on else
+               "skills exact match skipped (not the built-in byte tokenizer)")
     lines = [f"# Dynamic trimming on {Path(report['model']).name}", "",
-             f"Device: {report['device']}; {config.n_per_domain} held-out prompts per domain; latency: batch "
+             f"Device: {report['device']}; {prompts}; latency: batch "
              f"{lat.batch_size}, {lat.prompt_len}-token real-text prompts, {lat.new_tokens} new tokens, median of "
              f"{lat.repeats} calls in each of {lat.rounds} rounds over all rows (median of rounds), every row "
              f"in this run. Total {report['seconds']:.0f} s.", "",
@@ -227,16 +276,21 @@ def render(config, report, tel) -> str:
              "calls on the shared 2-core CPU: read the latency columns here as noise-level. "
              "experiments/trim_latency.py measures latency against active experts on an expert-dominated "
              "model.", "",
-             "| run | routed params/token | vs top-k | active params/token | weights MB | prefill ms/token "
-             "| decode ms/token | decode tok/s | " + " | ".join(domains) + " | mean EM | refusal | over-refusal |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(domains) + 3)]
+             "| " + " | ".join(["run", "routed params/token", "vs top-k", "active params/token", "weights MB",
+                                "prefill ms/token", "decode ms/token", "decode tok/s", *skill_head, *columns]) + " |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(skill_head) + len(columns))]
+
+    def scores(r) -> list[str]:
+        em = [*(fmt(r[d]["em"], 2) for d in domains), fmt(r["mean_em"]), fmt(r.get("refusal"), 2),
+              fmt(r.get("over_refusal"), 2)] if skills_on else []
+        return [*em, *book.quality_cells(r, columns)]
+
     for label, r in results.items():
-        lines.append(
-            f"| {label} | {r['active_routed_params']:,.0f} | {r['routed_vs_top_k']:.2f} | "
-            f"{r['active_params_total']:,.0f} | {r['weight_bytes'] / 2**20:.2f} | "
-            f"{fmt(r['prefill_latency_ms_per_token'], 4)} | {fmt(r['decode_latency_ms_per_token'], 2)} | "
-            f"{fmt(r['decode_tokens_per_s'], 0)} | " + " | ".join(fmt(r[d]["em"], 2) for d in domains) +
-            f" | {fmt(r['mean_em'])} | {fmt(r.get('refusal'), 2)} | {fmt(r.get('over_refusal'), 2)} |")
+        lines.append("| " + " | ".join([
+            label, f"{r['active_routed_params']:,.0f}", f"{r['routed_vs_top_k']:.2f}",
+            f"{r['active_params_total']:,.0f}", f"{r['weight_bytes'] / 2**20:.2f}",
+            fmt(r["prefill_latency_ms_per_token"], 4), fmt(r["decode_latency_ms_per_token"], 2),
+            fmt(r["decode_tokens_per_s"], 0), *scores(r)]) + " |")
     lines += ["", "## Calibration (target = active routed-expert parameter fraction of top-k)", "",
               "| policy | tau per layer | calibration fraction | held-out fraction | loss increase | probes | s |",
               "|---|---|---:|---:|---:|---:|---:|"]
@@ -244,12 +298,14 @@ def render(config, report, tel) -> str:
         taus = ", ".join(f"{t:.3f}" for t in c["taus"].values())
         lines.append(f"| {label} | {taus} | {c['calibration_fraction']:.3f} | {c['held_out_fraction']:.3f} | "
                      f"{c['loss_increase']:+.4f} | {c['probes']} | {c['seconds']:.0f} |")
+    sweep_head = [*domains, "mean EM"] if skills_on else []
     lines += ["", "## Accuracy against the active fraction (global tau sweep)", "",
-              "| tau | active fraction | " + " | ".join(domains) + " | mean EM |",
-              "|---:|---:|" + "---:|" * (len(domains) + 1)]
+              "| " + " | ".join(["tau", "active fraction", *sweep_head, *columns]) + " |",
+              "|---:|---:|" + "---:|" * (len(sweep_head) + len(columns))]
     for s in report["sweep"]:
-        lines.append(f"| {s['tau']:g} | {s['active_fraction']:.3f} | " + " | ".join(fmt(s[d]["em"], 2) for d in domains)
-                     + f" | {fmt(s['mean_em'])} |")
+        em = [*(fmt(s[d]["em"], 2) for d in domains), fmt(s["mean_em"])] if skills_on else []
+        lines.append("| " + " | ".join([f"{s['tau']:g}", f"{s['active_fraction']:.3f}", *em,
+                                        *book.quality_cells(s, columns)]) + " |")
     for name, t in tel.items():
         s = t["summary"]
         lines += ["", f"## Telemetry: {name}", "",
