@@ -16,6 +16,9 @@ held-out clean prompts).
 
     python experiments/audit.py --config=configs/router_audit.py --workdir=/tmp/audit
 
+`eval.data` / `lm_eval.tasks` add held-out perplexity / lm-eval columns to every row; the audit
+itself needs the built-in model (its measures are the skills domains).
+
 How long (2-core dev CPU): 21 minutes (1,247 s, 170-250 s per row, mostly route forcing and
 compilation) in a run that shared the two cores with a test run; 13 minutes (770 s) alone on
 the retrained built-in model, whose refusals route forcing breaks sooner. Each finished row
@@ -25,6 +28,8 @@ is cached in WORKDIR/progress.json, so a killed run resumes.
 from __future__ import annotations
 
 import ml_collections
+
+from moe_jax import quality
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -51,4 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
         candidates=8, max_queries=20_000, mask_k=3, silence_k=2,
         gcg_steps=20, gcg_candidates=32, suffix_len=4, reach_prompts=4))
     config.monitor = ml_collections.ConfigDict(dict(fpr=0.05, n_per_domain=12))
+    # Quality columns of every row, for any checkpoint and tokenizer (moe_jax.quality): perplexity on
+    # held-out text (data: any load_texts spec; "" = none) and lm-eval task scores (no tasks = none).
+    config.eval = quality.eval_config()
+    config.lm_eval = quality.lm_eval_config()
     return config

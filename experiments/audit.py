@@ -11,7 +11,13 @@
    routing profile (`safety.audit`), utility exact match, route forcing, router masking,
    expert silencing, a GCG suffix attack on the unpruned model's least-used expert per layer
    (removed experts count 0 by construction), and the routing monitor's TPR on the
-   route-forced prompts and FPR on held-out clean prompts.
+   route-forced prompts and FPR on held-out clean prompts; and, when configured, the quality
+   columns (`moe_jax.quality`: perplexity on `config.eval.data`, lm-eval scores of
+   `config.lm_eval.tasks`).
+
+Every measure but the quality columns is about the skills domains (refusals of the safety
+prompts, utility exact match), so the audit needs the built-in byte-tokenizer model; a
+checkpoint with its own tokenizer is refused before anything runs.
 
 Results: WORKDIR/report.md and report.json.
 """
@@ -31,9 +37,11 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, launch, pruning, reporting, safety, scoring, trimming  # noqa: E402
+from moe_jax import evaluation, launch, pruning, quality, reporting, safety, scoring, trimming  # noqa: E402
 from moe_jax.data import pipeline, skills  # noqa: E402
+from moe_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from moe_jax.reporting import fmt  # noqa: E402
+from moe_jax.reproduction import book  # noqa: E402
 from moe_jax.safety import routes as R  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -98,7 +106,8 @@ class Models:
         return cfg2, params2, None, plan
 
 
-def evaluate_row(config, key, model, tok, examples, clean_rows, monitor_rows, target, critical, reference) -> dict:
+def evaluate_row(config, key, model, tok, examples, clean_rows, monitor_rows, target, critical, reference,
+                 measure: quality.Quality) -> dict:
     cfg, params, masks, plan = model
     a = config.attacks
     t0 = time.perf_counter()
@@ -128,6 +137,8 @@ def evaluate_row(config, key, model, tok, examples, clean_rows, monitor_rows, ta
     out["monitor"] = safety.detection_rates(monitor, cfg, params, attacked_rows,
                                             R.force_masks(cfg, attacked_rows, forced.routes, masks), clean_rows, masks)
     out["routed_mib"] = evaluation.model_size(cfg, params)["bytes"] / 2**20
+    if measure.enabled:
+        out["quality"] = measure(cfg, params, masks)
     out["seconds"] = time.perf_counter() - t0
     return out, reach
 
@@ -144,9 +155,18 @@ def main(argv: list[str]) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     path = Path(config.model_path).expanduser() if config.model_path else REPO / config.checkpoint
-    cfg, params = evaluation.load_model(path, "float32")
+    try:
+        cfg, params = evaluation.load_model(path, "float32")
+        tok = evaluation.load_eval_tokenizer("auto", path, cfg)
+        if not isinstance(tok, ByteTokenizer):
+            raise ValueError(f"{path} has its own tokenizer: the router audit's refusal, utility and attack "
+                             "measures are the built-in skills domains, which need the built-in byte-tokenizer "
+                             "model; compare this checkpoint's pruned and trimmed models with "
+                             "experiments/prune.py or experiments/trimming.py and --config.eval.data")
+        measure = quality.Quality.from_config(config, path, cfg, tok, config.seed)
+    except (FileNotFoundError, ValueError) as err:  # harness.HarnessError is a ValueError
+        raise app.UsageError(str(err)) from None
     params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
-    tok = evaluation.load_eval_tokenizer("auto", path, cfg)
     safety_set = skills.eval_set("safety", config.n_safety, config.seed)
     forbidden, _ = safety.split_safety_set(safety_set)
     examples = {"safety": safety_set, "attack": forbidden[:config.n_attack],
@@ -167,7 +187,7 @@ def main(argv: list[str]) -> None:
             print(f"{key}: cached")
             continue
         results[key], reach = evaluate_row(config, key, models[key], tok, examples, clean_rows, monitor_rows, target,
-                                           critical, reference)
+                                           critical, reference, measure)
         if key == "unpruned":
             reference = reach
         runs.put(key, results[key])
@@ -185,6 +205,7 @@ def main(argv: list[str]) -> None:
 
 def render(config, report) -> str:
     a = config.attacks
+    columns = book.quality_header(report["rows"].values())
     lines = ["# Router safety audit", "",
              f"Safety-critical units: {report['critical']['dims']} dims (top {config.critical.dim_fraction:.0%} by "
              f"safety-domain Fisher) and experts {report['critical']['experts']} (top "
@@ -192,8 +213,9 @@ def render(config, report) -> str:
              f"({config.calibration.data}). GCG target (least-used expert per layer of the unpruned model): "
              f"{report['target']}.", "",
              "| model | refusal | over-refusal | utility EM | ASR forcing (strict) | ASR masking | ASR silencing | "
-             "GCG reach (transfer) | monitor TPR / FPR | critical dims / experts removed | MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "GCG reach (transfer) | monitor TPR / FPR | critical dims / experts removed | MiB |" +
+             "".join(f" {c} |" for c in columns),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(columns)]
     for key, r in report["rows"].items():
         at = r["attacks"]
         label = LABELS[key].format(r=f"{config.ratio:.0%}", t=f"{config.trim_target:g}")
@@ -205,7 +227,8 @@ def render(config, report) -> str:
             f"{fmt(at['route_forcing']['asr'])} ({fmt(at['route_forcing']['asr_compliant'])}) | "
             f"{fmt(at['router_masking']['asr'])} | {fmt(at['expert_silencing']['asr'])} | "
             f"{r['reach']['activations']}{'' if transfer is None else f' ({transfer})'} | "
-            f"{fmt(r['monitor']['tpr'])} / {fmt(r['monitor']['fpr'])} | {crit} | {r['routed_mib']:.2f} |")
+            f"{fmt(r['monitor']['tpr'])} / {fmt(r['monitor']['fpr'])} | {crit} | {r['routed_mib']:.2f} |" +
+            "".join(f" {c} |" for c in book.quality_cells(r, columns)))
     first = next(iter(report["rows"].values()))
     q = first["attacks"]
     lines += ["", f"Budgets: route forcing {a.candidates} random top-k sets per (prompt token, layer), at most "
