@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.methods = (("fisher", 0.5), ("activation", 0.5), ("pathfinder", 0.25), ("reap", 0.25))
     config.scope = "global"  # for methods named without ":scope"
     config.min_dims_per_expert = 1
+    # Kept expert widths are multiples of this (or whole): 8 is what transformers' default expert
+    # kernel (grouped_mm: each expert's width in bytes a multiple of 16) needs in bfloat16 and
+    # float32, so exports run in stock transformers; GPU GEMM tiles would want 64-128. 1 = exact.
+    config.width_multiple = 8
     config.drop_empty_experts = False
     config.export = True  # write each pruned model as an HF checkpoint under WORKDIR/pruned/
     config.calibration = ml_collections.ConfigDict(dict(
