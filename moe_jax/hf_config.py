@@ -26,6 +26,28 @@ ARCHITECTURES = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 
+# Non-uniform models (expert counts or widths that differ) export with remote code that stock
+# transformers loads under trust_remote_code: moe_jax/hf/remote_code/, copied beside the weights.
+REMOTE_PREFIX = "moe_jax_"
+REMOTE_CONFIG_FILE, REMOTE_MODELING_FILE = "configuration_moe_jax", "modeling_moe_jax"
+_REMOTE_NAMES = {"qwen2_moe": "MoeJaxQwen2Moe", "mixtral": "MoeJaxMixtral", "qwen3_moe": "MoeJaxQwen3Moe",
+                 "olmoe": "MoeJaxOlmoe", "deepseek_v2": "MoeJaxDeepseekV2", "deepseek_v3": "MoeJaxDeepseekV3"}
+REMOTE_CODE_FAMILIES = ("qwen2_moe",)  # the families whose remote code is tested
+
+
+def remote_auto_map(model_type: str) -> dict[str, str]:
+    """config.json's auto_map for a non-uniform export of `model_type`."""
+    name = _REMOTE_NAMES[model_type]
+    return {"AutoConfig": f"{REMOTE_CONFIG_FILE}.{name}Config", "AutoModel": f"{REMOTE_MODELING_FILE}.{name}Model",
+            "AutoModelForCausalLM": f"{REMOTE_MODELING_FILE}.{name}ForCausalLM"}
+
+
+def uses_remote_code(hf: dict[str, Any]) -> bool:
+    """True for a config.json whose auto_map points at moe_jax's remote code."""
+    auto_map = hf.get("auto_map") or {}
+    return isinstance(auto_map, dict) and any(
+        str(v).startswith((REMOTE_CONFIG_FILE + ".", REMOTE_MODELING_FILE + ".")) for v in auto_map.values())
+
 # Keys each family's reader consumes (anything else is passthrough, validated or unknown).
 _COMMON = {
     "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -105,6 +127,8 @@ def _layer_kinds_qwen(hf: dict, num_layers: int, num_experts: int) -> tuple[str,
 
 def from_hf(cls: type[ModelConfig], hf: dict[str, Any], source: str) -> ModelConfig:
     model_type = hf.get("model_type")
+    if isinstance(model_type, str) and model_type.removeprefix(REMOTE_PREFIX) in FAMILIES:
+        model_type = model_type.removeprefix(REMOTE_PREFIX)  # a non-uniform export with remote code
     if model_type not in FAMILIES:
         raise ConfigError(
             f"{source}: model_type={model_type!r} is not supported; expected one of {FAMILIES}")
@@ -340,4 +364,28 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
         custom["max_width_buckets"] = cfg.max_width_buckets
     if custom:
         hf["moe_jax"] = custom
+    if uses_remote_code(hf):  # read back from a remote-code export: not ours to keep
+        del hf["auto_map"]
+    if not cfg.is_uniform and mt in REMOTE_CODE_FAMILIES:
+        _check_remote_routing(cfg)
+        hf.update(model_type=REMOTE_PREFIX + mt, architectures=[_REMOTE_NAMES[mt] + "ForCausalLM"],
+                  auto_map=remote_auto_map(mt))
     return hf
+
+
+def _check_remote_routing(cfg: ModelConfig) -> None:
+    """Refuses pruned expert counts that DeepSeek's group-limited router (as transformers runs it)
+    cannot score: groups must be whole, hold >= 2 experts under noaux_tc (it sums each group's top
+    two), and the kept groups must hold >= top_k experts."""
+    if cfg.topk_method == "greedy":
+        return
+    for i in cfg.moe_layers:
+        e = cfg.experts_per_layer[i]
+        size = e // cfg.n_group
+        problem = (f"{e} experts do not split into n_group={cfg.n_group} equal groups" if e % cfg.n_group else
+                   f"groups of {size} expert(s); noaux_tc needs >= 2" if cfg.topk_method == "noaux_tc" and size < 2
+                   else f"topk_group={cfg.topk_group} groups of {size} hold fewer than top_k="
+                   f"{cfg.num_experts_per_tok} experts" if size * cfg.topk_group < cfg.num_experts_per_tok else "")
+        if problem:
+            raise ConfigError(f"{cfg.model_type} layer {i}: {problem}; its router groups cannot be kept, so "
+                              "transformers could not route this pruned model as moe_jax does")

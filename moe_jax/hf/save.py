@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from moe_jax import multihost
+from moe_jax import hf_config, multihost
 from moe_jax.config import ModelConfig
 from moe_jax.hf.keymap import (  # noqa: F401
     _LIST_LIMIT,
@@ -35,6 +35,11 @@ from moe_jax.hf.keymap import (  # noqa: F401
 from moe_jax.hf.load import _convert, _names, load_pretrained  # noqa: F401
 
 log = logging.getLogger(__name__)
+
+# Remote code for non-uniform exports (package data, never imported by moe_jax: torch + transformers only).
+REMOTE_CODE_DIR = Path(__file__).resolve().parent / "remote_code"
+REMOTE_CODE_FILES = tuple(REMOTE_CODE_DIR / f"{name}.py"
+                          for name in (hf_config.REMOTE_CONFIG_FILE, hf_config.REMOTE_MODELING_FILE))
 
 
 # ====================================================================== writing
@@ -175,7 +180,9 @@ def save_pretrained(
     """Writes a Hugging Face checkpoint (config.json + safetensors) of `params`; returns out_dir.
 
     Experts are written one key each at their own width, so uniform models load in stock
-    transformers and non-uniform ones round-trip through `load_pretrained`. `dtype` None keeps
+    transformers. Non-uniform ones (of `hf_config.REMOTE_CODE_FAMILIES`) get a moe_jax model_type,
+    an auto_map and the remote code beside the weights, so transformers loads them with
+    trust_remote_code=True; all round-trip through `load_pretrained`. `dtype` None keeps
     each tensor's dtype. `extra_files` (tokenizer files, ...) are copied in. Everything is
     checked first and written to a temporary directory renamed at the end: on failure nothing
     is left. An existing non-empty `out_dir` is an error unless `overwrite`. Under
@@ -188,11 +195,17 @@ def save_pretrained(
     if max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     extras = [Path(f) for f in extra_files]
+    remote = list(REMOTE_CODE_FILES) if hf_config.uses_remote_code(hf_cfg) else []
     for f in extras:
         if not f.is_file():
             raise CheckpointError(f"{f}: extra file to copy does not exist")
-        if f.name in (CONFIG_NAME, INDEX_NAME) or f.name.endswith(".safetensors"):
+        if (f.name in (CONFIG_NAME, INDEX_NAME) or f.name.endswith(".safetensors")
+                or f.name in {r.name for r in remote}):
             raise CheckpointError(f"{f}: extra file would overwrite the checkpoint's own {f.name}")
+    for f in remote:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: moe_jax's remote code for non-uniform exports is missing "
+                                  "(package data not installed?)")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out}: already exists and is not an empty directory (pass overwrite=True)")
     outs = _outputs(cfg, leaves, target)
@@ -204,7 +217,7 @@ def save_pretrained(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write(tmp, hf_cfg, _shard(outs, max_shard_bytes), extras)
+        _write(tmp, hf_cfg, _shard(outs, max_shard_bytes), remote + extras)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,108 @@
+"""Non-uniform exports load in stock transformers through moe_jax's remote code.
+
+A tiny model of each family is pruned by a plan that keeps a different number of experts per
+layer and a different width per expert, exported, and loaded by transformers with
+trust_remote_code=True: every key loads, the logits and 16 greedy tokens equal moe_jax's, and
+load_pretrained reads the export back. Without trust_remote_code transformers refuses.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+from moe_jax import hf, hf_config, pruning
+from moe_jax.model import forward, generate
+from tests.conftest import scaled_params, tiny_config
+
+KEEP = lambda p, a: a  # noqa: E731  place=KEEP keeps numpy leaves
+
+# family: (tiny_config overrides, {MoE layer: {kept expert: kept width}}) -- 8 experts of width 24.
+CASES = {
+    "qwen2_moe": (dict(num_layers=3, dense_layers=(1,)),
+                  {0: {0: 24, 2: 10, 3: 17, 5: 5, 7: 24}, 2: {1: 12, 4: 3, 6: 20}}),
+}
+
+
+def _pruned(family: str):
+    """(cfg, params) of a tiny `family` model compacted by a plan with uneven counts and widths."""
+    overrides, keep = CASES[family]
+    cfg = tiny_config(family, **overrides)
+    params = scaled_params(cfg)
+    rng = np.random.default_rng(0)
+    plan = pruning.PruningPlan(
+        method="test", scope="layer", ratio=0.5,
+        source_widths={i: cfg.expert_widths[i] for i in cfg.moe_layers},
+        experts={i: tuple(sorted(keep[i])) for i in cfg.moe_layers},
+        dims={i: {e: tuple(sorted(rng.choice(cfg.expert_widths[i][e], w, replace=False).tolist()))
+                  for e, w in keep[i].items()} for i in cfg.moe_layers})
+    cfg2, params2 = pruning.apply(cfg, params, plan)
+    assert not cfg2.is_uniform and len({cfg2.experts_per_layer[i] for i in cfg2.moe_layers}) > 1
+    return cfg2, jax_tree_to_numpy(params2)
+
+
+def jax_tree_to_numpy(tree):
+    return {k: jax_tree_to_numpy(v) for k, v in tree.items()} if isinstance(tree, dict) else np.asarray(tree)
+
+
+def _flat(tree, prefix=()):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, prefix + (key,)).items()}
+    return {prefix: np.asarray(tree)}
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_non_uniform_export_loads_in_transformers(family, tmp_path):
+    cfg, params = _pruned(family)
+    out = hf.save_pretrained(cfg, params, tmp_path / "out")
+    written = json.loads((out / "config.json").read_text())
+    assert written["model_type"] == "moe_jax_" + family
+    assert written["auto_map"] == hf_config.remote_auto_map(family)
+    assert written["architectures"] == [written["auto_map"]["AutoModelForCausalLM"].split(".")[1]]
+    assert {"configuration_moe_jax.py", "modeling_moe_jax.py"} <= {p.name for p in out.iterdir()}
+
+    # Without trust_remote_code transformers refuses with its own error.
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        T.AutoModelForCausalLM.from_pretrained(out)
+
+    model, info = T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,
+                                                         output_loading_info=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info.get(kind), (kind, info[kind])
+    model.eval()
+    tokens = np.random.RandomState(0).randint(2, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(forward(cfg, params, tokens))
+    assert np.abs(theirs - ours).max() <= 1e-4
+
+    prompts = [list(tokens[0, :5]), list(tokens[1, :3])]
+    ours_gen = np.asarray(generate(cfg, params, prompts, max_new_tokens=16))
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            theirs_gen = model.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16,
+                                        do_sample=False, pad_token_id=0, eos_token_id=None)
+        np.testing.assert_array_equal(ours_gen[i], theirs_gen[0, len(prompt):].numpy())
+
+    cfg2, params2 = hf.load_pretrained(out, "float32", place=KEEP)
+    assert cfg2 == cfg.replace(hf_extra=cfg2.hf_extra)
+    flat, flat2 = _flat(params), _flat(params2)
+    assert flat.keys() == flat2.keys()
+    for k in flat:
+        np.testing.assert_array_equal(flat2[k], flat[k], err_msg="/".join(k))
+
+    # A re-export of what load_pretrained read is the same remote-code export again.
+    again = hf.save_pretrained(cfg2, params2, tmp_path / "again")
+    assert json.loads((again / "config.json").read_text()) == written
+
+
+def test_uniform_export_stays_stock(tmp_path):
+    cfg = tiny_config("qwen2_moe")
+    out = hf.save_pretrained(cfg, scaled_params(cfg), tmp_path / "out")
+    written = json.loads((out / "config.json").read_text())
+    assert written["model_type"] == "qwen2_moe" and "auto_map" not in written and "moe_jax" not in written
+    assert not list(out.glob("*.py"))
