@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
+from safetensors import safe_open
 
 from moe_jax import hf, hf_config, pruning
 from moe_jax.model import forward, generate
@@ -25,6 +26,7 @@ KEEP = lambda p, a: a  # noqa: E731  place=KEEP keeps numpy leaves
 CASES = {
     "qwen2_moe": (dict(num_layers=3, dense_layers=(1,)),
                   {0: {0: 24, 2: 10, 3: 17, 5: 5, 7: 24}, 2: {1: 12, 4: 3, 6: 20}}),
+    "mixtral": ({}, {0: {1: 7, 2: 24, 5: 13, 6: 2}, 1: {0: 24, 3: 9, 4: 16, 5: 24, 6: 11, 7: 1}}),
 }
 
 
@@ -73,6 +75,8 @@ def test_non_uniform_export_loads_in_transformers(family, tmp_path):
                                                          output_loading_info=True)
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
         assert not info.get(kind), (kind, info[kind])
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # the keys as written, none converted
+        assert set(model.state_dict()) == set(f.keys())
     model.eval()
     tokens = np.random.RandomState(0).randint(2, cfg.vocab_size, (2, 12))
     with torch.no_grad():
