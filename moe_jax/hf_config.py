@@ -32,7 +32,7 @@ REMOTE_PREFIX = "moe_jax_"
 REMOTE_CONFIG_FILE, REMOTE_MODELING_FILE = "configuration_moe_jax", "modeling_moe_jax"
 _REMOTE_NAMES = {"qwen2_moe": "MoeJaxQwen2Moe", "mixtral": "MoeJaxMixtral", "qwen3_moe": "MoeJaxQwen3Moe",
                  "olmoe": "MoeJaxOlmoe", "deepseek_v2": "MoeJaxDeepseekV2", "deepseek_v3": "MoeJaxDeepseekV3"}
-REMOTE_CODE_FAMILIES = ("qwen2_moe", "mixtral", "qwen3_moe", "olmoe")  # the families whose remote code is tested
+REMOTE_CODE_FAMILIES = tuple(_REMOTE_NAMES)  # the families whose remote code is tested
 
 
 def remote_auto_map(model_type: str) -> dict[str, str]:

@@ -17,6 +17,7 @@ import transformers as T
 from safetensors import safe_open
 
 from moe_jax import hf, hf_config, pruning
+from moe_jax.config import ConfigError
 from moe_jax.model import forward, generate
 from tests.conftest import scaled_params, tiny_config
 
@@ -29,6 +30,12 @@ CASES = {
     "mixtral": ({}, {0: {1: 7, 2: 24, 5: 13, 6: 2}, 1: {0: 24, 3: 9, 4: 16, 5: 24, 6: 11, 7: 1}}),
     "qwen3_moe": ({}, {0: {0: 5, 1: 24, 4: 18}, 1: {2: 24, 3: 8, 5: 12, 6: 24, 7: 3}}),
     "olmoe": ({}, {0: {0: 24, 3: 6, 4: 15, 5: 9, 7: 24, 1: 20}, 1: {2: 11, 6: 4}}),
+    # Two router groups of 4 kept whole; widest kept expert 20, so the shared width (24) is moe_jax's record.
+    "deepseek_v3": (dict(num_layers=3, n_group=2, topk_group=1),
+                    {1: {0: 20, 1: 7, 2: 12, 3: 3, 4: 20, 5: 16, 6: 9, 7: 14}, 2: {0: 5, 3: 20, 5: 11, 6: 18}}),
+    # Four router groups (group-limited greedy, top 2 groups): layer 2 keeps one expert per group.
+    "deepseek_v2": (dict(num_layers=3), {1: {0: 24, 1: 4, 2: 13, 3: 24, 4: 8, 5: 19, 6: 24, 7: 2},
+                                         2: {1: 10, 2: 24, 5: 6, 7: 15}}),
 }
 
 
@@ -68,6 +75,8 @@ def test_non_uniform_export_loads_in_transformers(family, tmp_path):
     assert written["auto_map"] == hf_config.remote_auto_map(family)
     assert written["architectures"] == [written["auto_map"]["AutoModelForCausalLM"].split(".")[1]]
     assert {"configuration_moe_jax.py", "modeling_moe_jax.py"} <= {p.name for p in out.iterdir()}
+    if family == "deepseek_v3":  # not n_shared_experts x the widest kept expert: moe_jax's record
+        assert written["moe_jax"]["shared_expert_width"] == cfg.shared_expert_width == 24
 
     # Without trust_remote_code transformers refuses with its own error.
     with pytest.raises(ValueError, match="trust_remote_code"):
@@ -104,6 +113,23 @@ def test_non_uniform_export_loads_in_transformers(family, tmp_path):
     # A re-export of what load_pretrained read is the same remote-code export again.
     again = hf.save_pretrained(cfg2, params2, tmp_path / "again")
     assert json.loads((again / "config.json").read_text()) == written
+
+
+@pytest.mark.parametrize("family, overrides, keep", [
+    ("deepseek_v3", {}, (0, 2, 4, 6)),  # groups of one expert: noaux_tc scores a group by its top two
+    ("deepseek_v2", dict(topk_group=1), (1, 3, 5, 7)),  # one kept group of one expert < top_k = 2
+])
+def test_prunings_that_break_router_groups_are_refused(family, overrides, keep, tmp_path):
+    cfg = tiny_config(family, **overrides)
+    params = scaled_params(cfg)
+    plan = pruning.PruningPlan(
+        method="test", scope="layer", ratio=0.5, source_widths={i: cfg.expert_widths[i] for i in cfg.moe_layers},
+        experts={i: keep for i in cfg.moe_layers},
+        dims={i: {e: tuple(range(1 + j)) for j, e in enumerate(keep)} for i in cfg.moe_layers})  # non-uniform
+    cfg2, params2 = pruning.apply(cfg, params, plan)
+    with pytest.raises(ConfigError, match="router groups cannot be kept"):
+        hf.save_pretrained(cfg2, params2, tmp_path / "out")
+    assert not list(tmp_path.iterdir())
 
 
 def test_uniform_export_stays_stock(tmp_path):
