@@ -374,18 +374,9 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _check_remote_routing(cfg: ModelConfig) -> None:
-    """Refuses pruned expert counts that DeepSeek's group-limited router (as transformers runs it)
-    cannot score: groups must be whole, hold >= 2 experts under noaux_tc (it sums each group's top
-    two), and the kept groups must hold >= top_k experts."""
-    if cfg.topk_method == "greedy":
-        return
+    """Refuses expert counts that break DeepSeek's router groups (ModelConfig refuses them too)."""
     for i in cfg.moe_layers:
         e = cfg.experts_per_layer[i]
-        size = e // cfg.n_group
-        problem = (f"{e} experts do not split into n_group={cfg.n_group} equal groups" if e % cfg.n_group else
-                   f"groups of {size} expert(s); noaux_tc needs >= 2" if cfg.topk_method == "noaux_tc" and size < 2
-                   else f"topk_group={cfg.topk_group} groups of {size} hold fewer than top_k="
-                   f"{cfg.num_experts_per_tok} experts" if size * cfg.topk_group < cfg.num_experts_per_tok else "")
-        if problem:
-            raise ConfigError(f"{cfg.model_type} layer {i}: {problem}; its router groups cannot be kept, so "
-                              "transformers could not route this pruned model as moe_jax does")
+        if cfg.topk_method != "greedy" and e % cfg.n_group:
+            raise ConfigError(f"{cfg.model_type} layer {i}: {e} experts do not split into n_group={cfg.n_group} "
+                              "equal router groups; its router groups cannot be kept")

@@ -39,9 +39,8 @@ CASES = {
 }
 
 
-def _pruned(family: str):
+def _pruned(family: str, overrides: dict, keep: dict[int, dict[int, int]]):
     """(cfg, params) of a tiny `family` model compacted by a plan with uneven counts and widths."""
-    overrides, keep = CASES[family]
     cfg = tiny_config(family, **overrides)
     params = scaled_params(cfg)
     rng = np.random.default_rng(0)
@@ -56,6 +55,27 @@ def _pruned(family: str):
     return cfg2, jax_tree_to_numpy(params2)
 
 
+def _load_remote(out):
+    """transformers' model of the export `out` (remote code), after checking every key loaded as written."""
+    model, info = T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,
+                                                         output_loading_info=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info.get(kind), (kind, info[kind])
+    with safe_open(str(out / "model.safetensors"), "pt") as f:  # the keys as written, none converted
+        assert set(model.state_dict()) == set(f.keys())
+    return model.eval()
+
+
+def _assert_same_logits(model, cfg, params) -> np.ndarray:
+    """transformers' logits equal moe_jax's on random tokens (float32); returns the tokens."""
+    tokens = np.random.RandomState(0).randint(2, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(forward(cfg, params, tokens))
+    assert np.abs(theirs - ours).max() <= 1e-4
+    return tokens
+
+
 def jax_tree_to_numpy(tree):
     return {k: jax_tree_to_numpy(v) for k, v in tree.items()} if isinstance(tree, dict) else np.asarray(tree)
 
@@ -68,7 +88,7 @@ def _flat(tree, prefix=()):
 
 @pytest.mark.parametrize("family", list(CASES))
 def test_non_uniform_export_loads_in_transformers(family, tmp_path):
-    cfg, params = _pruned(family)
+    cfg, params = _pruned(family, *CASES[family])
     out = hf.save_pretrained(cfg, params, tmp_path / "out")
     written = json.loads((out / "config.json").read_text())
     assert written["model_type"] == "moe_jax_" + family
@@ -82,18 +102,8 @@ def test_non_uniform_export_loads_in_transformers(family, tmp_path):
     with pytest.raises(ValueError, match="trust_remote_code"):
         T.AutoModelForCausalLM.from_pretrained(out)
 
-    model, info = T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,
-                                                         output_loading_info=True)
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        assert not info.get(kind), (kind, info[kind])
-    with safe_open(str(out / "model.safetensors"), "pt") as f:  # the keys as written, none converted
-        assert set(model.state_dict()) == set(f.keys())
-    model.eval()
-    tokens = np.random.RandomState(0).randint(2, cfg.vocab_size, (2, 12))
-    with torch.no_grad():
-        theirs = model(torch.tensor(tokens)).logits.numpy()
-    ours = np.asarray(forward(cfg, params, tokens))
-    assert np.abs(theirs - ours).max() <= 1e-4
+    model = _load_remote(out)
+    tokens = _assert_same_logits(model, cfg, params)
 
     prompts = [list(tokens[0, :5]), list(tokens[1, :3])]
     ours_gen = np.asarray(generate(cfg, params, prompts, max_new_tokens=16))
@@ -115,21 +125,25 @@ def test_non_uniform_export_loads_in_transformers(family, tmp_path):
     assert json.loads((again / "config.json").read_text()) == written
 
 
-@pytest.mark.parametrize("family, overrides, keep", [
-    ("deepseek_v3", {}, (0, 2, 4, 6)),  # groups of one expert: noaux_tc scores a group by its top two
-    ("deepseek_v2", dict(topk_group=1), (1, 3, 5, 7)),  # one kept group of one expert < top_k = 2
-])
-def test_prunings_that_break_router_groups_are_refused(family, overrides, keep, tmp_path):
-    cfg = tiny_config(family, **overrides)
-    params = scaled_params(cfg)
-    plan = pruning.PruningPlan(
-        method="test", scope="layer", ratio=0.5, source_widths={i: cfg.expert_widths[i] for i in cfg.moe_layers},
-        experts={i: keep for i in cfg.moe_layers},
-        dims={i: {e: tuple(range(1 + j)) for j, e in enumerate(keep)} for i in cfg.moe_layers})  # non-uniform
-    cfg2, params2 = pruning.apply(cfg, params, plan)
-    with pytest.raises(ConfigError, match="router groups cannot be kept"):
-        hf.save_pretrained(cfg2, params2, tmp_path / "out")
-    assert not list(tmp_path.iterdir())
+@pytest.mark.parametrize("family", ["deepseek_v3", "deepseek_v2"])
+def test_router_groups_of_one_expert(family, tmp_path):
+    """Four router groups, one kept (topk_group=1): layer 2 keeps one expert per group, so a group
+    holds one expert and the kept group fewer than top_k; transformers routes as moe_jax does."""
+    overrides = dict(num_layers=3, topk_group=1)
+    keep = {1: {0: 24, 1: 9, 2: 17, 3: 24, 4: 5, 5: 12, 6: 24, 7: 20}, 2: {1: 6, 2: 24, 4: 13, 7: 21}}
+    cfg, params = _pruned(family, overrides, keep)
+    model = _load_remote(hf.save_pretrained(cfg, params, tmp_path / "out"))
+    _assert_same_logits(model, cfg, params)
+
+
+def test_uneven_router_groups_are_refused():
+    cfg = tiny_config("deepseek_v3")  # 8 experts in n_group=4 groups
+    with pytest.raises(ConfigError, match="n_group"):
+        cfg.with_layer_experts(1, (24,) * 6)
+    plan = pruning.PruningPlan(method="test", scope="layer", ratio=0.25, source_widths={1: cfg.expert_widths[1]},
+                               experts={1: tuple(range(6))}, dims={1: {e: tuple(range(24)) for e in range(6)}})
+    with pytest.raises(pruning.PlanError, match="group"):
+        pruning.apply(cfg, scaled_params(cfg), plan)
 
 
 def test_uniform_export_stays_stock(tmp_path):

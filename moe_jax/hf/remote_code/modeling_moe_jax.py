@@ -12,6 +12,7 @@ so no weight conversion is needed; transformers applies none to remote-code clas
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as deepseek_v2
@@ -81,6 +82,31 @@ class MoeJaxMixtralDecoderLayer(mixtral.MixtralDecoderLayer):
         return self.block_sparse_moe
 
 
+class MoeJaxDeepseekV3TopkRouter(deepseek_v3.DeepseekV3TopkRouter):
+    """DeepSeek-V3's router, also for pruned layers it cannot score: groups of one expert (a group
+    then scores by its one expert; stock sums a top two) and kept groups holding fewer than top_k
+    experts (the missing choices route with weight 0; stock would pick excluded experts).
+    Otherwise it computes exactly what the stock router does."""
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.view(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+        scores = router_logits.sigmoid()
+        scores_for_choice = scores + self.e_score_correction_bias
+        size = self.num_experts // self.num_group
+        grouped = scores_for_choice.view(-1, self.num_group, size)
+        group_scores = grouped.topk(min(2, size), dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, self.num_group, size).reshape(-1, self.num_experts)
+        scores_for_choice = scores_for_choice.masked_fill(~score_mask.bool(), float("-inf"))
+        chosen, topk_indices = torch.topk(scores_for_choice, k=self.top_k, dim=-1, sorted=False)
+        topk_weights = scores.gather(1, topk_indices).masked_fill(torch.isneginf(chosen), 0.0)
+        if self.norm_topk_prob:
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return router_logits, topk_weights * self.routed_scaling_factor, topk_indices
+
+
 def _shared_width(config):
     """DeepSeek's shared-expert width: moe_jax's own record, else n_shared_experts x moe_intermediate_size."""
     custom = config.moe_jax or {}
@@ -104,6 +130,8 @@ def _use_pruned_experts(layers, config, family):
         if family.startswith("deepseek"):
             layer_cfg.moe_intermediate_size, layer_cfg.n_shared_experts = _shared_width(config), 1
         block = block_cls(layer_cfg)
+        if family == "deepseek_v3":
+            block.gate = MoeJaxDeepseekV3TopkRouter(layer_cfg)
         block.experts = MoeJaxExperts(
             MoeJaxExpertMLP(config.hidden_size, int(w), names, config.hidden_act) for w in layer_widths)
         del layer.mlp
