@@ -32,7 +32,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +45,6 @@ sys.path.insert(0, str(REPO))
 from moe_jax import evaluation, launch, pruning, quality, reporting, scoring  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 from moe_jax.data import skills  # noqa: E402
-from moe_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from moe_jax.model import transformer  # noqa: E402
 from moe_jax.reporting import fmt  # noqa: E402
 from moe_jax.reproduction import book  # noqa: E402
@@ -151,36 +149,6 @@ def removal_cost(cfg: ModelConfig, params, batches) -> dict[str, list[float]]:
             for lyr in cfg.moe_layers}
 
 
-def skills_scored(tokenizer, measure: quality.Quality) -> bool:
-    """Whether the skills exact match runs: only with the built-in byte tokenizer (another
-    tokenizer's text makes its answers meaningless); then the quality columns must be configured."""
-    if isinstance(tokenizer, ByteTokenizer):
-        return True
-    if not measure.enabled:
-        raise ValueError("this checkpoint has its own tokenizer, so the skills exact match does not apply: set "
-                         "--config.eval.data=<held-out text, any load_texts spec> and/or "
-                         "--config.lm_eval.tasks=\"('arc_easy',)\" for the comparison's columns")
-    print("Skills exact match skipped (it needs the built-in byte tokenizer): the tables carry the quality columns")
-    return False
-
-
-def study_runner(study: evaluation.MaskedStudy, measure: quality.Quality, skills_on: bool):
-    """run(key, masks) -> the row: skills scores when `skills_on`, plus "quality" when configured;
-    both kept in the study's progress file, so a resumed run recomputes no finished row."""
-
-    def run(key: str, masks: dict | None) -> dict[str, Any]:
-        got = dict(study.run(key, masks)) if skills_on else {}
-        if measure.enabled:
-            got["quality"] = study.runs.get(f"quality {key}")
-            if got["quality"] is None:
-                got["quality"] = measure(study.cfg, study.params, masks)
-                study.runs.put(f"quality {key}", got["quality"])
-                print(f"{key}: {got['quality']}")
-        return got
-
-    return run
-
-
 def plot_kept(path: Path, cfg: ModelConfig, plans: dict[str, pruning.PruningPlan]) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -213,7 +181,7 @@ def main(argv: list[str]) -> None:
         cfg, params = evaluation.load_model(path, "float32")
         tokenizer = evaluation.load_eval_tokenizer("auto", path, cfg)
         measure = quality.Quality.from_config(config, path, cfg, tokenizer, config.seed)
-        skills_on = skills_scored(tokenizer, measure)
+        skills_on = measure.skills_apply(tokenizer)
     except (FileNotFoundError, ValueError) as err:  # harness.HarnessError is a ValueError
         raise app.UsageError(str(err)) from None
     params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
@@ -245,7 +213,7 @@ def main(argv: list[str]) -> None:
     examples = [ex for d in skills.DOMAINS for ex in skills.eval_set(d, config.n_per_domain, config.seed)]
     study = evaluation.MaskedStudy(cfg, params, tokenizer, examples, config.batch_size, workdir / "progress.json",
                                    {"config": config.to_dict(), "model": str(path)})
-    run = study_runner(study, measure, skills_on)
+    run = measure.study_runner(study, skills_on)
 
     baseline = run("baseline", None)
     settings = pruning.PathfinderSettings(**config.pathfinder.to_dict())

@@ -41,7 +41,6 @@ sys.path.insert(0, str(REPO))
 
 from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, telemetry, trimming  # noqa: E402
 from moe_jax.data import pipeline, skills  # noqa: E402
-from moe_jax.data.tokenizer import ByteTokenizer  # noqa: E402
 from moe_jax.reporting import fmt  # noqa: E402
 from moe_jax.reproduction import book  # noqa: E402
 
@@ -71,19 +70,6 @@ def _median(values: list) -> float | None:
     return float(np.median(numbers)) if numbers else None
 
 
-def skills_scored(tokenizer, measure: quality.Quality) -> bool:
-    """Whether the skills exact match runs: only with the built-in byte tokenizer (another
-    tokenizer's text makes its answers meaningless); then the quality columns must be configured."""
-    if isinstance(tokenizer, ByteTokenizer):
-        return True
-    if not measure.enabled:
-        raise ValueError("this checkpoint has its own tokenizer, so the skills exact match does not apply: set "
-                         "--config.eval.data=<held-out text, any load_texts spec> and/or "
-                         "--config.lm_eval.tasks=\"('arc_easy',)\" for the comparison's columns")
-    print("Skills exact match skipped (it needs the built-in byte tokenizer): the tables carry the quality columns")
-    return False
-
-
 def scored(runs: reporting.ResumableRuns, key: str, cfg, params, tok, examples, masks, config,
            measure: quality.Quality, skills_on: bool) -> dict:
     """A row's accuracy: skills scores when `skills_on`, plus "quality" when configured; both
@@ -95,11 +81,7 @@ def scored(runs: reporting.ResumableRuns, key: str, cfg, params, tok, examples, 
             got = evaluation.skills_scores(cfg, params, tok, examples, masks, config.batch_size)
             runs.put(key, got)
     if measure.enabled:
-        q = runs.get(f"quality {key}")
-        if q is None:
-            q = measure(cfg, params, masks)
-            runs.put(f"quality {key}", q)
-        got = {**got, "quality": q}
+        got = {**got, "quality": measure.cached(runs, key, cfg, params, masks)}
     return got
 
 
@@ -135,7 +117,7 @@ def main(argv: list[str]) -> None:
         cfg, params = evaluation.load_model(path, "float32")
         tok = evaluation.load_eval_tokenizer("auto", path, cfg)
         measure = quality.Quality.from_config(config, path, cfg, tok, config.seed)
-        skills_on = skills_scored(tok, measure)
+        skills_on = measure.skills_apply(tok)
     except (FileNotFoundError, ValueError) as err:  # harness.HarnessError is a ValueError
         raise app.UsageError(str(err)) from None
     params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded

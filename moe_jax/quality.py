@@ -17,6 +17,7 @@ import ml_collections
 
 from moe_jax import evaluation
 from moe_jax.config import ModelConfig
+from moe_jax.data.tokenizer import ByteTokenizer
 from moe_jax.reporting import TEXT_DOMAIN
 
 try:  # the `eval` extra (requirements-eval.txt); without it only lm-eval columns are unavailable
@@ -102,3 +103,39 @@ class Quality:
         if self.lm_eval is not None:
             out.update(self.lm_eval(cfg, params, masks))
         return out
+
+    def skills_apply(self, tokenizer) -> bool:
+        """Whether a launcher's skills exact match runs: only with the built-in byte tokenizer (another
+        tokenizer's text makes its answers meaningless), and then these columns must be configured."""
+        if isinstance(tokenizer, ByteTokenizer):
+            return True
+        if not self.enabled:
+            raise ValueError("this checkpoint has its own tokenizer, so the skills exact match does not apply: set "
+                             "--config.eval.data=<held-out text, any load_texts spec> and/or "
+                             "--config.lm_eval.tasks=\"('arc_easy',)\" for the comparison's columns")
+        print("Skills exact match skipped (it needs the built-in byte tokenizer): the tables carry the quality columns")
+        return False
+
+    def cached(self, runs, key: str, cfg: ModelConfig, params: Params, masks: dict | None = None) -> dict | None:
+        """This row's columns from `runs` (a resumable store with get/put, e.g. `reporting.ResumableRuns`)
+        under "quality <key>", measured and stored on a miss; None when nothing is configured."""
+        if not self.enabled:
+            return None
+        got = runs.get(f"quality {key}")
+        if got is None:
+            got = self(cfg, params, masks)
+            runs.put(f"quality {key}", got)
+            print(f"{key}: {got}")
+        return got
+
+    def study_runner(self, study: evaluation.MaskedStudy, skills_on: bool):
+        """run(key, masks) -> a masked study's row: skills scores when `skills_on`, plus "quality" when
+        configured; both kept in the study's progress file, so a resumed run recomputes no finished row."""
+
+        def run(key: str, masks: dict | None) -> dict[str, Any]:
+            got = dict(study.run(key, masks)) if skills_on else {}
+            if self.enabled:
+                got["quality"] = self.cached(study.runs, key, study.cfg, study.params, masks)
+            return got
+
+        return run

@@ -124,7 +124,8 @@ def _results(stage_dir: Path, run: str, score: float, bytes_: int, decode: float
 def test_collect_computes_relative_columns_and_ignores_runs_it_did_not_make(tmp_path):
     table_config = paper.node(
         title="t", source="s", checkpoint="c",
-        rows=(("base", paper.BASELINE, "", 0.0), ("R 50%", "reap", "uniform", 0.5), ("F 50%", "frequency", "uniform", 0.5)),
+        rows=(("base", paper.BASELINE, "", 0.0), ("R 50%", "reap", "uniform", 0.5),
+              ("F 50%", "frequency", "uniform", 0.5)),
         columns=(("GSM8K", "gsm8k", "exact_match (strict-match)"),),
         published=(("R 50%", "GSM8K kept %", 99.8),),
         smoke=dict(model={}, add_bos=False, tasks={"gsm8k": "tiny_gsm"}, rows=("base",)))
