@@ -5,9 +5,9 @@ can be a `jax.jit` static argument, JSON-serialisable so it travels with checkpo
 records per-layer expert counts and per-expert widths because pruning makes them differ.
 
 `from_hf_config` reads a Hugging Face `config.json` dict of the six supported families;
-`to_hf_config` writes one that transformers loads (for uniform models) or that
-`moe_jax.hf.load_pretrained` reads back (for non-uniform ones, sizes under the key
-``moe_jax``).
+`to_hf_config` writes one that transformers loads (for uniform models; for non-uniform ones,
+sizes under the key ``moe_jax``, through moe_jax's remote code) and that
+`moe_jax.hf.load_pretrained` reads back.
 """
 
 from __future__ import annotations

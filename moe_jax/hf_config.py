@@ -295,7 +295,8 @@ def _rope_out(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """A config.json dict; transformers loads it for uniform models."""
+    """A config.json dict: the stock family's for uniform models; for non-uniform ones a moe_jax
+    model_type and auto_map naming the remote code that save_pretrained copies beside the weights."""
     mt = cfg.model_type
     hf: dict[str, Any] = {k: json.loads(v) for k, v in cfg.hf_extra}
     moe = cfg.moe_layers

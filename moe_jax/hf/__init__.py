@@ -2,8 +2,9 @@
 
 `load_pretrained` reads `config.json` and `model.safetensors` (or a sharded index) into the
 tree of `moe_jax.model.layout`; `save_pretrained` writes per-expert keys that stock
-transformers loads (uniform models) and that `load_pretrained` reads back (any model: expert
-sizes then travel in config.json under ``moe_jax``).
+transformers loads (uniform models as the stock family; non-uniform ones, whose expert sizes
+travel in config.json under ``moe_jax``, through the remote code in ``remote_code/``, with
+trust_remote_code=True) and that `load_pretrained` reads back.
 
 Why it is built this way:
 - One key map (`_FAMILY_NAMES`, `_LAYER_KEYS`) says where every tensor of every family lives;
