@@ -60,7 +60,9 @@ def _quick() -> dict:
                    calibration=dict(n_per_domain=4), safety_calibration=dict(n_per_domain=8),
                    monitor=dict(n_per_domain=3),
                    # trimming's quick calibration, so the trade-off table can join its trimmed row
-                   trim_calibration=dict(n_per_domain=3, batch_size=3)),
+                   trim_calibration=dict(n_per_domain=3, batch_size=3),
+                   # held-out perplexity as a quality column of every row (moe_jax.quality)
+                   eval=dict(data="skills:eval:language", data_rows=4, seq_len=64)),
         bench_dispatch=dict(layer="mixtral_small", tokens=64, repeats=1),
     )
 

@@ -11,6 +11,7 @@ run at a time (CI has two cores; the stages mostly compile, single-threaded).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -237,6 +238,10 @@ def test_audit_stage(run):
     assert row["attacks"]["route_forcing"]["queries"] <= 200
     assert row["monitor"]["calibration_fpr"] <= 0.05 + 1e-9
     assert "| Pathfinder 50% (safety-aware) |" in (d / "report.md").read_text()
+    # quick mode sets eval.data: every row carries held-out perplexity, also in RESULTS.md's table
+    assert all(math.isfinite(r["quality"]["ppl (eval.data)"]) and r["quality"]["ppl (eval.data)"] > 1
+               for r in report["rows"].values())
+    assert "ppl (eval.data)" in (d / "report.md").read_text()
 
 
 def test_bench_stage_keeps_the_launchers_table(run):
