@@ -99,6 +99,8 @@ def test_paper_config_runs_end_to_end_in_smoke_mode(tmp_path, name):
     assert published or name == "pathfinder_mixtral"  # the seed text gives Pathfinder no numbers
     for row, column, value in published:
         assert f"(paper {value})" in text, (row, column, value)
+    if name != "reap_qwen3":  # resumption is the same code for every config: checked once
+        return
     # Run again: the stage's fingerprint matches, nothing is recomputed, the table is the same.
     again = reproduce(tmp_path, name, "--config.smoke=True")
     assert again.returncode == 0, again.stderr[-3000:]
