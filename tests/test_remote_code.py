@@ -104,6 +104,14 @@ def test_non_uniform_export_loads_in_transformers(family, tmp_path):
 
     model = _load_remote(out)
     tokens = _assert_same_logits(model, cfg, params)
+    base, info = T.AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32,
+                                             output_loading_info=True)  # auto_map's AutoModel
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    assert set(info["unexpected_keys"]) <= {"lm_head.weight"}, info  # as for a stock checkpoint
+    with torch.no_grad():
+        hidden = base(torch.tensor(tokens)).last_hidden_state
+        np.testing.assert_allclose(model.lm_head(hidden).numpy(), model(torch.tensor(tokens)).logits.numpy(),
+                                   atol=1e-5)
 
     prompt = list(tokens[0, :5])  # batched, left-padded generation is test_parity's
     ours_gen = np.asarray(generate(cfg, params, [prompt], max_new_tokens=16))[0]
