@@ -176,13 +176,30 @@ def test_load_matches_torch_state_dict(checkpoints, name):
 def test_default_place_gives_jax_arrays_in_bf16(checkpoints):
     import jax
 
-    _, params = hf.load_pretrained(checkpoints["deepseek_v3"][0])  # dtype defaults to bfloat16
+    _, params = hf.load_pretrained(checkpoints["deepseek_v3"][0], "bfloat16")
     assert isinstance(params["embed"]["embedding"], jax.Array)
     assert params["embed"]["embedding"].dtype == ml_dtypes.bfloat16
     assert params["layer_1"]["moe"]["experts"]["bucket_0"]["gate"].dtype == ml_dtypes.bfloat16
     # Router maths is float32: the router and DeepSeek-V3's score bias stay float32.
     assert params["layer_1"]["moe"]["router"]["kernel"].dtype == np.float32
     assert params["layer_1"]["moe"]["score_bias"].dtype == np.float32
+
+
+def test_default_dtype_follows_the_checkpoint(checkpoints, tmp_path):
+    """dtype "auto" (the default, as transformers 5's): config.json's dtype, else the file's own."""
+    path = checkpoints["mixtral"][0]
+    written = json.loads((path / "config.json").read_text())
+    assert (written.get("dtype") or written.get("torch_dtype")) == "float32"
+    _, params = hf.load_pretrained(path, place=KEEP)
+    assert params["embed"]["embedding"].dtype == np.float32
+    cfg, params16 = hf.load_pretrained(path, "bfloat16", place=KEEP)
+    out = hf.save_pretrained(cfg, params16, tmp_path / "bf16")
+    assert hf.load_pretrained(out, place=KEEP)[1]["embed"]["embedding"].dtype == ml_dtypes.bfloat16
+    config = json.loads((out / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):  # no dtype in config.json: the weights' own
+        config.pop(key, None)
+    (out / "config.json").write_text(json.dumps(config))
+    assert hf.load_pretrained(out, place=KEEP)[1]["embed"]["embedding"].dtype == ml_dtypes.bfloat16
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -63,6 +63,9 @@ def _names(items: Iterable[str], limit: int = _LIST_LIMIT) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+_FILE_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
+
 class _Checkpoint:
     """The safetensors files of one checkpoint, opened once; key -> file from headers only."""
 
@@ -271,14 +274,16 @@ def _default_place(path: Path_, arr: np.ndarray) -> Any:
 
 def load_pretrained(
     path: str | os.PathLike,
-    dtype: Any = "bfloat16",
+    dtype: Any = "auto",
     *,
     strict: bool = True,
     place: Placer | None = None,
 ) -> tuple[ModelConfig, Params]:
     """(ModelConfig, params) from a Hugging Face checkpoint directory.
 
-    `dtype`: target dtype of the weights (string, numpy/jax dtype; None = config.json's dtype).
+    `dtype`: target dtype of the weights (string, numpy/jax dtype). "auto" (transformers 5's
+    default) or None: config.json's `dtype` / `torch_dtype`, else the checkpoint's own (that of its
+    embedding), so a float32 export reloads as float32 and a bfloat16 Hub checkpoint as bfloat16.
     `strict`: checkpoint tensors the config does not use are an error (else a warning); missing
     tensors are always an error. `place(path, array)` turns each finished numpy array into the
     stored leaf (default `jnp.asarray`; pass a sharded `jax.device_put` for big models, or
@@ -286,14 +291,17 @@ def load_pretrained(
     """
     root = Path(path)
     cfg, hf = _read_config(root)
-    if dtype is None:
-        dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    target = _as_dtype(dtype)
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        dtype = hf.get("dtype") or hf.get("torch_dtype")
     place = place or _default_place
     params: Params = {}
     with contextlib.ExitStack() as stack:
         ckpt = _Checkpoint(root, stack)
         plan = _plan(cfg, ckpt, strict)
+        if not dtype:  # the checkpoint's own: that of its embedding
+            embed = "model.embed_tokens.weight"
+            dtype = _FILE_DTYPE_NAMES.get(ckpt.dtype(embed) if embed in ckpt.keys() else "", "float32")
+        target = _as_dtype(dtype)
         for t in plan.tensors:
             arr = _convert(ckpt.get(t.hf_key), t.transpose, np.dtype(np.float32) if t.float32 else target)
             _set(params, t.path, place(t.path, arr))
