@@ -357,9 +357,14 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
         else:
             hf["rope_interleave"] = cfg.rope_interleave
     custom: dict[str, Any] = {}
-    if not cfg.is_uniform:
+    # A DeepSeek shared width that is no whole multiple of the routed width cannot be written as
+    # stock fields: stock transformers would build the shared expert at the wrong size, so such a
+    # model, uniform or not, is exported with the remote code, which reads moe_jax's record.
+    odd_shared = mt.startswith("deepseek") and not exact_shared and bool(cfg.shared_expert_width)
+    remote = not cfg.is_uniform or odd_shared
+    if remote:
         custom.update(layer_kinds=list(cfg.layer_kinds), expert_widths=[list(w) for w in cfg.expert_widths])
-    if mt.startswith("deepseek") and not exact_shared and cfg.shared_expert_width:
+    if odd_shared:
         custom["shared_expert_width"] = cfg.shared_expert_width
     if cfg.max_width_buckets != ModelConfig.max_width_buckets:
         custom["max_width_buckets"] = cfg.max_width_buckets
@@ -367,7 +372,7 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
         hf["moe_jax"] = custom
     if uses_remote_code(hf):  # read back from a remote-code export: not ours to keep
         del hf["auto_map"]
-    if not cfg.is_uniform and mt in REMOTE_CODE_FAMILIES:
+    if remote and mt in REMOTE_CODE_FAMILIES:
         _check_remote_routing(cfg)
         hf.update(model_type=REMOTE_PREFIX + mt, architectures=[_REMOTE_NAMES[mt] + "ForCausalLM"],
                   auto_map=remote_auto_map(mt))

@@ -64,7 +64,8 @@ scaled_params = synthetic.scaled_params
 # kernels, lm-eval launcher runs, two-process jax.distributed) go to the xdist workers first:
 # with `--dist loadfile` a long file started last becomes the suite's tail while the other core idles.
 SLOW_FILES_FIRST = ("test_reproduce.py", "test_sharding.py", "test_sharding_models.py", "test_notebooks.py",
-                    "test_harness.py", "test_papers.py", "test_launcher_quality.py", "test_distributed.py")
+                    "test_harness.py", "test_papers.py", "test_launcher_quality.py",
+                    "test_loader_matrix.py", "test_distributed.py")
 _CACHE_SETTINGS = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
 
