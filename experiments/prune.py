@@ -44,7 +44,6 @@ Params = dict[str, Any]
 METHODS: dict[str, tuple[str, ...]] = {name: (name,) for name in scoring.DIM_STATISTICS}
 METHODS.update({"pathfinder": ("trajectory", "routing"), "frequency": ("routing",), "soft_count": ("routing",),
                 "reap": ("routing",), "recon": ("trajectory",), "naee": ("trajectory",), "random_experts": ()})
-PLANNED: dict[str, str] = {}
 
 
 def parse_method(name: str, default_scope: str) -> tuple[str, str]:
@@ -52,8 +51,7 @@ def parse_method(name: str, default_scope: str) -> tuple[str, str]:
     method, _, scope = name.partition(":")
     scope = scope or default_scope
     if method not in METHODS:
-        later = f" ({PLANNED[method]} lands in a later issue)" if method in PLANNED else ""
-        raise ValueError(f"config.methods: method {method!r} is not available{later}; available: {sorted(METHODS)}")
+        raise ValueError(f"config.methods: method {method!r} is not available; available: {sorted(METHODS)}")
     scopes = pruning.ALLOCATIONS if method in pruning.EXPERT_METHODS else pruning.SCOPES
     if scope not in scopes:
         raise ValueError(f"config.methods: {name!r} has scope {scope!r}; expected one of {scopes}")

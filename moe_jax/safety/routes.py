@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -150,7 +150,3 @@ def executed_experts(aux_layer: Mapping[str, np.ndarray]) -> np.ndarray:
     ran = np.asarray(aux_layer["active_TK"], bool) & (np.asarray(aux_layer["weights_TK"]) != 0)
     return np.where(ran, idx, -1)
 
-
-def run_chunked(fn: Callable[[int, int], np.ndarray], n: int, chunk: int) -> np.ndarray:
-    """Concatenate fn(start, stop) over fixed-size chunks (the caller pads the last one)."""
-    return np.concatenate([fn(s, min(s + chunk, n)) for s in range(0, n, chunk)]) if n else np.zeros(0)
