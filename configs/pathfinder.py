@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.lm_eval = quality.lm_eval_config()
     config.removal_oracle = True  # every expert removed alone: its answer-loss cost (E forward passes per layer)
     # (counting, layer_scale, w_strength) of extra Pathfinder / global rows: the reference code's
-    # selection, this project's changes one at a time, and the previous default (posterior, recon, 1).
+    # selection, this project's changes one at a time, and (posterior, recon, 1), the per-layer price.
     config.selection_ablations = (("k_best", "none", 1.0), ("posterior", "none", 1.0), ("posterior", "recon", 1.0),
                                   ("posterior", "expert", 1.0), ("k_best", "expert", 0.0))
     # The Qwen1.5-MoE-A2.7B MoE layer shape, random weights, for the reconstruction-cost ratio.

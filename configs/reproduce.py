@@ -13,11 +13,9 @@ own progress files resume a stage killed half-way.
     python experiments/reproduce.py --config=configs/reproduce.py --workdir=/tmp/reproduce
     python experiments/reproduce.py --config=configs/reproduce.py --workdir=/tmp/repro_ci --config.quick=True
 
-How long (2-core dev CPU, nothing else running, measured 2026-11-23): about 44 minutes
-(prune 3.2, fisher_moe 8.6, pathfinder 3.7, trimming 9.7, trim_latency 5.2, audit 11.1, bench
-2.2; output committed in results/reproduce/), plus about 21 if it trains. `quick` runs every
-stage at smoke size (3 prompts per domain, two or three methods, tiny latency models; every
-table still filled) in about 4 minutes.
+How long: about 44 minutes on the 2-core dev CPU (each stage's seconds are in the committed
+results/reproduce/RESULTS.md), plus about 21 if it trains; `quick` (every stage at smoke size,
+every table still filled) about 4. Result: results/reproduce/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -12,14 +12,9 @@ Run it with
     python experiments/train.py --config=configs/skills_tiny.py --workdir=/tmp/skills_tiny \\
         --config.export_dir=checkpoints/skills_tiny
 
-Reference run (the committed checkpoints/skills_tiny/, 2-core CPU, nothing else running,
-2026-11-23): 21.4 minutes wall, of which 20.7 min of training steps at 1.95 steps/s and
-6,600 tokens/s (padding included). The same shapes ran at 2.3 steps/s (17.7 min) in an earlier
-session; this run began at 2.2 steps/s and slowed to 1.5-1.9 with nothing else running, so
-the box, not the step, set the time. Greedy exact match on 100 held-out prompts per domain:
-arithmetic 1.00, facts 0.99, code 1.00, language 1.00, safety 0.99 (refusals of forbidden
-prompts 1.00, refusals of benign look-alikes 0.00). Code was 0.86 while its tracing half was
-variable lookup (the model learnt a query-free rule); with worked traces it is solved.
+How long: 21 minutes on the 2-core dev CPU (the committed checkpoints/skills_tiny/; its
+train_summary.json holds the run's numbers). Result: greedy exact match 0.99-1.00 in every
+domain on 100 held-out prompts each.
 """
 
 from __future__ import annotations

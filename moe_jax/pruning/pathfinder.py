@@ -5,51 +5,23 @@ MoE layer -> sink. For each calibration sequence the node weight of expert e in 
 
     w_prob * log p(e) + w_strength * log a(e) + w_recon * log softmax(z(e) / tau)
 
-with p the sequence's router probability mass and a its activation strength sum of
-g * ||f_e(x)|| (each normalised over the layer's experts), and z the expert's reconstruction
+with p the sequence's router probability mass, a its activation strength (sum of
+g * ||f_e(x)||; each normalised over the layer's experts), and z the expert's reconstruction
 signal scaled by the layer mean: the `routed` error of removing e (large = important) or the
 reference code's `dense` error ||y - f_e(x)|| (small = important, so z = -error). An edge
-i -> j between consecutive MoE layers weighs w_transition * log P(j | i), the transition
-frequencies of the calibration tokens (add-one smoothed).
+i -> j between consecutive MoE layers weighs w_transition * log P(j | i), the calibration
+tokens' transition frequencies (add-one smoothed).
 
-Why these defaults (w_prob, w_recon, w_transition 1, tau 1, 10 paths per sequence): each
-signal is a log probability on the same scale, so equal weights let none dominate; the routed
-reconstruction error replaces the dense one because calibration gets it from the forward's own
-expert outputs; transitions make a path a trajectory tokens really take, rather than a product
-of per-layer choices. w_strength is 0 (the reference uses 1): a sequence's activation strength
-sums over its tokens, so it mostly repeats the routing mass, and token counts are not what
-removal costs (rank correlation with the single-expert removal oracle of
-experiments/pathfinder.py: -0.50 to +0.05 in layers 1-3 of the built-in model). With it kept,
-the per-expert price below removes the layer-0 expert that arithmetic needs.
-
-Selection. Each sequence's paths are counted per expert: "posterior" (default) counts the
-expected visits of a path drawn from the sequence's whole path distribution (forward-backward,
-`path_posterior`); "k_best" counts its k best paths (`k_best_paths`, a k-best Viterbi; the
-reference code). Counting only the k best is winner-take-all: on the built-in model an expert
-with the second-largest routing share in layer 0 tops 15 of 320 sequences, gets 3% of the
-visits and is removed, and with it arithmetic (1.00 -> 0.06).
-
-Each visit is then priced by what breaking the trajectory there costs (`path_priority`):
-`layer_scale="expert"` (default) multiplies a sequence's visits of e by its mean routed
-reconstruction error per token routed to e; `"recon"` by its error summed over the layer's
-experts. Path counts give every layer the same total, so without a price a global budget
-cannot tell a layer whose experts carry the model from one whose experts are interchangeable:
-on the built-in model removing one expert of layer 0 raises the calibration answer loss by
-43-1,231 nats (all but one expert), one of layers 1-2 by at most 0.67. "recon" gives every
-expert of a layer the same price, so within a layer it ranks by visits alone; "expert" ranks by
-visits times per-use cost (rank correlation with that oracle in layers 1-3: 0.79 / 0.67 / 0.45
-against 0.64 / 0.52 / 0.43 with w_strength 1 and "recon"). Chosen on training-split prompts:
-at 50% of experts removed, mean exact match 0.993 against 0.981 for "recon" with w_strength 1
-(1,500 prompts), REAP 0.986 and routed reconstruction error 0.991.
-The price is an absolute norm of the MoE output change, which favours later layers in models
-whose residual stream grows with depth. `layer_scale="none"`, `counting="k_best"`,
-`w_strength=1` is the reference's selection.
-
-Experts are then kept by priority up to one global budget, never fewer than top_k per layer,
-optionally force-keeping outliers of probability mass. Layers end up with different expert
-counts.
+Selection: each sequence's paths are counted per expert, either as the expected visits of a
+path drawn from its whole path distribution ("posterior", `path_posterior`) or over its k best
+paths ("k_best", `k_best_paths`: the reference code's, winner-take-all). Each visit is priced
+by what breaking the trajectory there costs (`path_priority`: the expert's routed
+reconstruction error per token, "expert"; the layer's, "recon"; none), because path counts give
+every layer the same total and a global budget must tell the layers apart. Experts are kept by
+priority up to one global budget, never fewer than top_k per layer, so layers end up with
+different expert counts. `layer_scale="none"`, `counting="k_best"`, `w_strength=1` is the
+reference's selection; why the defaults differ, with the evidence: docs/pathfinder.md.
 """
-
 from __future__ import annotations
 
 import dataclasses
