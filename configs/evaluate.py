@@ -18,7 +18,7 @@ seed, batch_size, max_new_tokens (0 = longest answer + 1), skills ("auto" = only
 tokenizer, "on", "off"), data, data_rows, seq_len, throughput, throughput_batch, prompt_len,
 decode_tokens, repeats.
 
-How long: about a minute for the skills_tiny model (~1.8M params) on the 2-core dev CPU,
+How long: about a minute for the built-in skills_tiny model on the 2-core dev CPU,
 mostly compilation. A real checkpoint on CPU is dominated by its size: lower
 ``eval.n_per_domain`` and ``eval.data_rows`` there.
 """

@@ -16,9 +16,8 @@ A Hugging Face checkpoint with its own tokenizer: --config.model_path=DIR
 --config.calibration.data=json:calib.jsonl --config.eval.data=json:held_out.jsonl (and/or
 --config.lm_eval.tasks="('arc_easy',)"); the skills exact match is skipped there.
 
-How long (2-core dev CPU): about 3 minutes (calibration three times, ~8 s; the oracle, ~26 s;
-the rest the Qwen1.5-shaped layer and 35 masked evaluations of 500 prompts); the
-reproduction's RESULTS.md has each run's seconds.
+How long: about 3 minutes on the 2-core dev CPU. Result: the MoE Pathfinder section of
+results/reproduce/RESULTS.md.
 """
 
 from __future__ import annotations

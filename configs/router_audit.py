@@ -19,10 +19,9 @@ held-out clean prompts).
 `eval.data` / `lm_eval.tasks` add held-out perplexity / lm-eval columns to every row; the audit
 itself needs the built-in model (its measures are the skills domains).
 
-How long (2-core dev CPU): 21 minutes (1,247 s, 170-250 s per row, mostly route forcing and
-compilation) in a run that shared the two cores with a test run; 13 minutes (770 s) alone on
-the retrained built-in model, whose refusals route forcing breaks sooner. Each finished row
-is cached in WORKDIR/progress.json, so a killed run resumes.
+How long: about 13 minutes on the 2-core dev CPU, mostly route forcing and compilation; each
+finished row is cached in WORKDIR/progress.json, so a killed run resumes. Result: the router
+safety section of results/reproduce/RESULTS.md.
 """
 
 from __future__ import annotations

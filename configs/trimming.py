@@ -16,7 +16,8 @@ A Hugging Face checkpoint with its own tokenizer: --config.model_path=DIR
 --config.calibration.data=json:calib.jsonl --config.eval.data=json:held_out.jsonl (and/or
 --config.lm_eval.tasks="('arc_easy',)"); the skills exact match is skipped there.
 
-How long (2-core dev CPU): 10-12 minutes (570-700 s; the per-layer calibrations take 1-1.5 minutes each).
+How long: 10-12 minutes on the 2-core dev CPU. Result: the trade-off section of
+results/reproduce/RESULTS.md.
 """
 
 from __future__ import annotations
