@@ -43,7 +43,7 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, launch, pruning, quality, reporting, scoring  # noqa: E402
+from moe_jax import evaluation, hf_config, launch, pruning, quality, reporting, scoring  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 from moe_jax.data import skills  # noqa: E402
 from moe_jax.model import transformer  # noqa: E402
@@ -153,7 +153,7 @@ def memory_table(cfg: ModelConfig, params, sizes: dict[str, dict]) -> dict[str, 
     """Bytes before/after for this model (`sizes`: model_size of each compacted model), and
     Qwen1.5-MoE-A2.7B at 50% by shapes."""
     out = {"this_model": {"unpruned": evaluation.model_size(cfg, params), **sizes}}
-    q = ModelConfig.from_hf_config(QWEN15_MOE_A27B)
+    q = hf_config.from_hf(QWEN15_MOE_A27B)
     half = q
     for layer in q.moe_layers:
         half = half.with_layer_experts(layer, [w - round(0.5 * w) for w in q.expert_widths[layer]])

@@ -4,10 +4,8 @@ The config is the static half of a model (params are the other half). It is hash
 can be a `jax.jit` static argument, JSON-serialisable so it travels with checkpoints, and it
 records per-layer expert counts and per-expert widths because pruning makes them differ.
 
-`from_hf_config` reads a Hugging Face `config.json` dict of the six supported families;
-`to_hf_config` writes one that transformers loads (for uniform models; for non-uniform ones,
-sizes under the key ``moe_jax``, through moe_jax's remote code) and that
-`moe_jax.hf.load_pretrained` reads back.
+It knows nothing of Hugging Face's `config.json`: `moe_jax.hf_config.from_hf` reads one of the
+six supported families into a ModelConfig and `moe_jax.hf_config.to_hf` writes one back.
 """
 
 from __future__ import annotations
@@ -23,22 +21,6 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
 ROPE_TYPES = ("default", "linear", "yarn")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 QK_NORMS = ("none", "head", "full")
-
-# config.json keys that carry no information the forward pass needs (training knobs,
-# bookkeeping, token ids). They are kept verbatim so `to_hf_config` can write them back.
-_PASSTHROUGH_KEYS = frozenset({
-    "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache",
-    "initializer_range", "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
-    "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "aux_loss_alpha",
-    "seq_aux", "ep_size", "_name_or_path", "tokenizer_class", "num_nextn_predict_layers",
-    "num_mtp_layers", "id2label", "label2id", "return_dict", "output_hidden_states",
-    "output_attentions", "max_window_layers", "auto_map", "use_return_dict",
-    "decoder_start_token_id", "tie_encoder_decoder", "chunk_size_feed_forward", "is_decoder",
-    "is_encoder_decoder", "problem_type", "add_cross_attention", "cross_attention_hidden_size",
-    "finetuning_task", "prefix", "sep_token_id", "task_specific_params", "torchscript",
-    "output_scores", "return_dict_in_generate", "pruned_heads", "tf_legacy_loss", "use_bfloat16",
-    "_attn_implementation_autoset", "_commit_hash", "generation_config", "model_max_length",
-})
 
 log = logging.getLogger(__name__)
 
@@ -274,17 +256,6 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         return cls.from_dict(json.loads(text))
-
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
-        from moe_jax import hf_config  # local import: keeps this module dependency-free
-
-        return hf_config.from_hf(cls, dict(hf), source)
-
-    def to_hf_config(self) -> dict[str, Any]:
-        from moe_jax import hf_config
-
-        return hf_config.to_hf(self)
 
 
 @functools.lru_cache(maxsize=4096)

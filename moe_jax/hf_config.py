@@ -11,9 +11,26 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
-from moe_jax.config import _PASSTHROUGH_KEYS, FAMILIES, ConfigError, ModelConfig
+from moe_jax.config import FAMILIES, ConfigError, ModelConfig
+
+# config.json keys that carry no information the forward pass needs (training knobs,
+# bookkeeping, token ids). They are kept verbatim so `to_hf` can write them back.
+_PASSTHROUGH_KEYS = frozenset({
+    "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache",
+    "initializer_range", "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
+    "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "aux_loss_alpha",
+    "seq_aux", "ep_size", "_name_or_path", "tokenizer_class", "num_nextn_predict_layers",
+    "num_mtp_layers", "id2label", "label2id", "return_dict", "output_hidden_states",
+    "output_attentions", "max_window_layers", "auto_map", "use_return_dict",
+    "decoder_start_token_id", "tie_encoder_decoder", "chunk_size_feed_forward", "is_decoder",
+    "is_encoder_decoder", "problem_type", "add_cross_attention", "cross_attention_hidden_size",
+    "finetuning_task", "prefix", "sep_token_id", "task_specific_params", "torchscript",
+    "output_scores", "return_dict_in_generate", "pruned_heads", "tf_legacy_loss", "use_bfloat16",
+    "_attn_implementation_autoset", "_commit_hash", "generation_config", "model_max_length",
+})
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +142,9 @@ def _layer_kinds_qwen(hf: dict, num_layers: int, num_experts: int) -> tuple[str,
     )
 
 
-def from_hf(cls: type[ModelConfig], hf: dict[str, Any], source: str) -> ModelConfig:
+def from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """The ModelConfig of a Hugging Face `config.json` dict (`source` names it in errors)."""
+    hf = dict(hf)
     model_type = hf.get("model_type")
     if isinstance(model_type, str) and model_type.removeprefix(REMOTE_PREFIX) in FAMILIES:
         model_type = model_type.removeprefix(REMOTE_PREFIX)  # a non-uniform export with remote code
@@ -263,7 +282,7 @@ def from_hf(cls: type[ModelConfig], hf: dict[str, Any], source: str) -> ModelCon
     if unknown:
         log.warning("%s: keys not used by moe_jax (kept for save_pretrained): %s", source, sorted(unknown))
     try:
-        return cls(
+        return ModelConfig(
             dense_intermediate_size=dense_width,
             layer_kinds=kinds,
             experts_per_layer=experts_per_layer,

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from moe_jax import hf_config
 from moe_jax.config import ModelConfig
 from moe_jax.model import transformer
 
@@ -43,7 +44,7 @@ def qwen15_moe_config(**sizes: int) -> ModelConfig:
     hf["num_key_value_heads"] = hf["num_attention_heads"]
     if hf["hidden_size"] % hf["num_attention_heads"]:
         raise ValueError(f"hidden_size={hf['hidden_size']} is not divisible by num_heads={hf['num_attention_heads']}")
-    return ModelConfig.from_hf_config(hf, source="Qwen1.5-MoE-A2.7B (synthetic)")
+    return hf_config.from_hf(hf, source="Qwen1.5-MoE-A2.7B (synthetic)")
 
 
 def scaled_params(cfg: ModelConfig, seed: int = 0, scale: float = 0.3, dtype: Any = jnp.float32) -> dict:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moe_jax import hf_config
 from moe_jax.config import ModelConfig
 from moe_jax.model import apply, forward, generate, init, init_cache
 from moe_jax.model.layout import expert_weight, pack_experts
@@ -181,7 +182,7 @@ def test_qwen15_moe_a27b_builds_abstractly_with_14_3b_params():
         "num_experts_per_tok": 4, "norm_topk_prob": False, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
         "max_position_embeddings": 8192, "tie_word_embeddings": False, "decoder_sparse_step": 1,
     }
-    cfg = ModelConfig.from_hf_config(hf)
+    cfg = hf_config.from_hf(hf)
     shapes = jax.eval_shape(lambda: init(cfg, jax.random.PRNGKey(0), dtype=jnp.bfloat16))
     total = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
     routed = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(shapes)

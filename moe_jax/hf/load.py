@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
+from moe_jax import hf_config
 from moe_jax.config import ModelConfig
 from moe_jax.hf.keymap import (  # noqa: F401
     _FAMILY_NAMES,
@@ -54,7 +55,7 @@ def _read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from e
     if not isinstance(hf, dict):
         raise CheckpointError(f"{file}: expected a JSON object, found {type(hf).__name__}")
-    return ModelConfig.from_hf_config(hf, source=str(file)), hf
+    return hf_config.from_hf(hf, source=str(file)), hf
 
 
 def _names(items: Iterable[str], limit: int = _LIST_LIMIT) -> str:

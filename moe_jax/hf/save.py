@@ -189,7 +189,7 @@ def save_pretrained(
     `jax.distributed` every process calls it (cross-host shards are gathered) and process 0 writes.
     """
     out = Path(out_dir)
-    hf_cfg = cfg.to_hf_config()  # ConfigError for configs no config.json can express
+    hf_cfg = hf_config.to_hf(cfg)  # ConfigError for configs no config.json can express
     leaves = {path: multihost.gathered(leaf) for path, leaf in _check_params(cfg, params).items()}
     target = _as_dtype(dtype) if dtype is not None else None
     if max_shard_bytes <= 0:

@@ -21,8 +21,8 @@ from typing import Any
 import ml_collections
 
 from moe_jax import hf, synthetic
-from moe_jax.config import ModelConfig
 from moe_jax.data import lm_eval_tasks
+from moe_jax.hf_config import from_hf
 from moe_jax.reporting import TEXT_DOMAIN, fmt, run_label
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +103,7 @@ def smoke_overrides(paper, root: Path) -> dict[str, Any]:
         if hf_config["vocab_size"] < vocab:
             raise PaperConfigError(f"{paper.title}: smoke model vocab_size {hf_config['vocab_size']} < the "
                                    f"stand-in tokenizer's {vocab}")
-        cfg = ModelConfig.from_hf_config(hf_config, source=f"{paper.title} smoke model")
+        cfg = from_hf(hf_config, source=f"{paper.title} smoke model")
         params = synthetic.scaled_params(cfg, seed=0)
         hf.save_pretrained(cfg, params, model_dir, overwrite=True,
                            extra_files=sorted(tokenizer_dir.glob("tokenizer*.json")))
