@@ -12,11 +12,14 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from moe_jax import synthetic
 from moe_jax.config import ModelConfig
 from moe_jax.data import lm_eval_tasks
+from moe_jax.model.layout import pack_experts
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -208,3 +211,99 @@ def assert_sharding_check(results: dict, name: str) -> None:
     result = results.get(name)
     assert result is not None, f"check {name!r} did not run; ran {sorted(results)}"
     assert result["ok"], result["detail"]
+
+
+# ---------------------------------------------------------------- one MoE layer against loop oracles
+# (test_moe, test_trimming)
+MOE_D = 16  # hidden size of the one-layer cases
+NONUNIFORM_WIDTHS = (8, 8, 12, 16, 16, 24, 32, 32)
+
+
+def moe_layer_config(num_experts=8, width=16, k=2, **kw) -> ModelConfig:
+    base = dict(model_type="qwen2_moe", vocab_size=32, hidden_size=MOE_D, num_layers=1, num_heads=2,
+                num_kv_heads=2, head_dim=8, num_experts_per_tok=k)
+    base.update(kw)
+    return ModelConfig.create(num_experts=num_experts, moe_intermediate_size=width, **base)
+
+
+def moe_layer_experts(cfg, rng, dtype=np.float32):
+    """Per-expert unpadded weights (float64 numpy) and the packed, bucketed params."""
+    per_expert = []
+    for f in cfg.expert_widths[0]:
+        per_expert.append({
+            "gate": rng.normal(size=(MOE_D, f)) / np.sqrt(MOE_D),
+            "up": rng.normal(size=(MOE_D, f)) / np.sqrt(MOE_D),
+            "down": rng.normal(size=(f, MOE_D)) / np.sqrt(f),
+        })
+    packed = pack_experts(cfg, 0, per_expert)
+    packed = jax.tree.map(lambda a: jnp.asarray(a, dtype), packed)
+    return per_expert, packed
+
+
+def experts_oracle(cfg, per_expert, x, idx, weights, dims_mask=None, seq_id=None):
+    """y and stats by a loop over tokens and their chosen experts, float64."""
+    E, F = cfg.experts_per_layer[0], cfg.max_width(0)
+    y = np.zeros((x.shape[0], MOE_D))
+    st = {"act_abs_sum": np.zeros((E, F)), "act_weighted_abs_sum": np.zeros((E, F)), "count": np.zeros(E),
+          "out_norm_sum": np.zeros(E), "weighted_out_norm_sum": np.zeros(E)}
+    for t in range(x.shape[0]):
+        for e, w in zip(idx[t], weights[t]):
+            p = per_expert[e]
+            f = p["gate"].shape[1]
+            g, u = x[t] @ p["gate"], x[t] @ p["up"]
+            h = g / (1 + np.exp(-g)) * u
+            if dims_mask is not None:
+                h = h * (dims_mask[e] if dims_mask.ndim == 2 else dims_mask[seq_id[t], e])[:f]
+            out = h @ p["down"]
+            y[t] += w * out
+            st["act_abs_sum"][e, :f] += np.abs(h)
+            st["act_weighted_abs_sum"][e, :f] += w * np.abs(h)
+            st["count"][e] += 1
+            st["out_norm_sum"][e] += np.linalg.norm(out)
+            st["weighted_out_norm_sum"][e] += w * np.linalg.norm(out)
+    return y, st
+
+
+def expert_case(scenario, seed=0, T=24):
+    """(cfg, per_expert, params, x, idx, w, dims_mask, seq_id) for one scenario.
+
+    uniform: one bucket, no mask. mask_ef / mask_sef: non-uniform widths in three buckets
+    ({0, 1} at 8, {2, 3, 4} at 16, {5, 6, 7} at 32) with an (E, F) mask / an (S, E, F) mask and
+    seq ids. skewed: non-uniform, expert 3 gets every token, experts 0, 1, 2, 6 none (so the
+    whole first bucket is idle).
+    """
+    rng = np.random.default_rng(seed)
+    cfg = moe_layer_config(num_experts=8, width=16, max_width_buckets=3)
+    if scenario != "uniform":
+        cfg = cfg.with_layer_experts(0, NONUNIFORM_WIDTHS)
+    E, K, F = 8, 2, cfg.max_width(0)
+    per_expert, params = moe_layer_experts(cfg, rng)
+    x = rng.normal(size=(T, MOE_D)).astype(np.float32)
+    if scenario == "skewed":
+        idx = np.stack([np.full(T, 3), rng.choice([4, 5, 7], size=T)], axis=1)
+    else:
+        idx = np.stack([rng.choice(E, size=K, replace=False) for _ in range(T)])
+    w = rng.uniform(0.1, 1.0, size=(T, K)).astype(np.float32)
+    mask, seq = None, None
+    if scenario == "mask_ef":
+        mask = rng.uniform(0, 1, size=(E, F)).astype(np.float32) * (rng.uniform(size=(E, F)) > 0.3)
+    if scenario == "mask_sef":
+        S = 3
+        mask = rng.uniform(0, 1, size=(S, E, F)).astype(np.float32)
+        seq = np.repeat(np.arange(S), T // S).astype(np.int32)
+    return cfg, per_expert, params, x, idx.astype(np.int32), w, mask, seq
+
+
+# ---------------------------------------------------------------- calibration batches (test_scoring, test_layerwise)
+def scoring_batches(cfg, n_batches=3, B=3, T=9, seed=0):
+    """Pipeline-style batches: packed segments, padding, and answer-only loss masks."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_batches):
+        tokens = rng.integers(1, cfg.vocab_size, (B, T)).astype(np.int32)
+        seg = np.ones((B, T), np.int32)
+        seg[0, 5:] = 2  # two packed examples
+        seg[1, 7:] = 0  # padding
+        loss = (rng.uniform(size=(B, T)) > 0.3).astype(np.float32) * (seg > 0)
+        out.append({"tokens": tokens, "segment_ids": seg, "loss_mask": loss})
+    return out

@@ -11,8 +11,7 @@ import pytest
 
 from moe_jax import scoring
 from moe_jax.scoring import ScoringError, layerwise
-from tests.conftest import scaled_params, tiny_config
-from tests.test_scoring import _batches
+from tests.conftest import scaled_params, scoring_batches, tiny_config
 
 IMPL = "dense"  # every dispatch path gives the same numbers (tests/test_moe.py); this one compiles fastest
 
@@ -57,7 +56,7 @@ class _ResidencySpy:
 def test_layerwise_equals_collect_with_one_layer_resident(family, layers, statistics, monkeypatch):
     cfg = tiny_config(family, num_layers=layers)
     params = scaled_params(cfg)
-    batches = _batches(cfg)
+    batches = scoring_batches(cfg)
     want = scoring.collect(cfg, params, batches, statistics, micro_batch_size=2, progress=False, impl=IMPL)
     spy = _ResidencySpy(layerwise._to_device)
     monkeypatch.setattr(layerwise, "_to_device", spy)
@@ -75,7 +74,7 @@ def test_layerwise_equals_collect_with_one_layer_resident(family, layers, statis
 
 def test_layerwise_trajectory_equals_collect_and_the_spy_sees_unfreed_weights(monkeypatch):
     cfg = tiny_config("mixtral", num_layers=2)
-    params, batches = scaled_params(cfg), _batches(cfg, n_batches=2)
+    params, batches = scaled_params(cfg), scoring_batches(cfg, n_batches=2)
     run = dict(micro_batch_size=3, progress=False, sample_tokens=20, impl=IMPL)
     want = scoring.collect(cfg, params, batches, ["trajectory"], **run)
     got = scoring.collect_layerwise(cfg, _host(params), batches, ["trajectory"], **run)
@@ -93,7 +92,7 @@ def test_layerwise_trajectory_equals_collect_and_the_spy_sees_unfreed_weights(mo
 def test_bad_input_errors():
     cfg = tiny_config("mixtral", num_layers=2)
     params = _host(scaled_params(cfg))
-    batches = _batches(cfg, n_batches=1)
+    batches = scoring_batches(cfg, n_batches=1)
     with pytest.raises(ScoringError, match="unknown.*'fishr'"):
         scoring.collect_layerwise(cfg, params, batches, ["fishr"])
     with pytest.raises(ScoringError, match="micro_batch_size must be >= 1, got 0"):

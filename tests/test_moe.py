@@ -9,36 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.config import ModelConfig
 from moe_jax.model import moe
-from moe_jax.model.layout import expert_weight, pack_experts
+from moe_jax.model.layout import expert_weight
+from tests.conftest import MOE_D as D
+from tests.conftest import NONUNIFORM_WIDTHS, expert_case, experts_oracle, moe_layer_config, moe_layer_experts
 
 IMPLS = ("dense", "ragged", "blocked", "gather")
-D = 16
 # These programs are tiny; skipping LLVM's heavy passes cuts compile time (most of this file's) ~3x.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
                                                     "xla_llvm_disable_expensive_passes": True})
-
-
-def make_cfg(num_experts=8, width=16, k=2, **kw) -> ModelConfig:
-    base = dict(model_type="qwen2_moe", vocab_size=32, hidden_size=D, num_layers=1, num_heads=2,
-                num_kv_heads=2, head_dim=8, num_experts_per_tok=k)
-    base.update(kw)
-    return ModelConfig.create(num_experts=num_experts, moe_intermediate_size=width, **base)
-
-
-def make_experts(cfg, rng, dtype=np.float32):
-    """Per-expert unpadded weights (float64 numpy) and the packed, bucketed params."""
-    per_expert = []
-    for f in cfg.expert_widths[0]:
-        per_expert.append({
-            "gate": rng.normal(size=(D, f)) / np.sqrt(D),
-            "up": rng.normal(size=(D, f)) / np.sqrt(D),
-            "down": rng.normal(size=(f, D)) / np.sqrt(f),
-        })
-    packed = pack_experts(cfg, 0, per_expert)
-    packed = jax.tree.map(lambda a: jnp.asarray(a, dtype), packed)
-    return per_expert, packed
 
 
 # ------------------------------------------------------------------------------------ oracles
@@ -79,30 +58,6 @@ def route_oracle(cfg, kernel, bias, x, mask):
     return np.array(idx_out), np.array(w_out)
 
 
-def experts_oracle(cfg, per_expert, x, idx, weights, dims_mask=None, seq_id=None):
-    """y and stats by a loop over tokens and their chosen experts, float64."""
-    E, F = cfg.experts_per_layer[0], cfg.max_width(0)
-    y = np.zeros((x.shape[0], D))
-    st = {"act_abs_sum": np.zeros((E, F)), "act_weighted_abs_sum": np.zeros((E, F)), "count": np.zeros(E),
-          "out_norm_sum": np.zeros(E), "weighted_out_norm_sum": np.zeros(E)}
-    for t in range(x.shape[0]):
-        for e, w in zip(idx[t], weights[t]):
-            p = per_expert[e]
-            f = p["gate"].shape[1]
-            g, u = x[t] @ p["gate"], x[t] @ p["up"]
-            h = g / (1 + np.exp(-g)) * u
-            if dims_mask is not None:
-                h = h * (dims_mask[e] if dims_mask.ndim == 2 else dims_mask[seq_id[t], e])[:f]
-            out = h @ p["down"]
-            y[t] += w * out
-            st["act_abs_sum"][e, :f] += np.abs(h)
-            st["act_weighted_abs_sum"][e, :f] += w * np.abs(h)
-            st["count"][e] += 1
-            st["out_norm_sum"][e] += np.linalg.norm(out)
-            st["weighted_out_norm_sum"][e] += w * np.linalg.norm(out)
-    return y, st
-
-
 # ------------------------------------------------------------------------------------ routing
 ROUTERS = {
     "softmax_norm": dict(model_type="mixtral", num_experts=8, k=2),
@@ -117,7 +72,7 @@ ROUTERS = {
 
 def _router_case(name, T=40, seed=0):
     kw = dict(ROUTERS[name])
-    cfg = make_cfg(**kw)
+    cfg = moe_layer_config(**kw)
     E = cfg.experts_per_layer[0]
     rng = np.random.default_rng(seed)
     params = {"router": {"kernel": rng.normal(size=(D, E)).astype(np.float32)}}
@@ -196,39 +151,6 @@ def test_route_matches_transformers(name):
 
 
 # ------------------------------------------------------------------------------------ experts
-NONUNIFORM = (8, 8, 12, 16, 16, 24, 32, 32)
-
-
-def _expert_case(scenario, seed=0, T=24):
-    """(cfg, per_expert, params, x, idx, w, dims_mask, seq_id) for one scenario.
-
-    uniform: one bucket, no mask. mask_ef / mask_sef: non-uniform widths in three buckets
-    ({0, 1} at 8, {2, 3, 4} at 16, {5, 6, 7} at 32) with an (E, F) mask / an (S, E, F) mask and
-    seq ids. skewed: non-uniform, expert 3 gets every token, experts 0, 1, 2, 6 none (so the
-    whole first bucket is idle).
-    """
-    rng = np.random.default_rng(seed)
-    cfg = make_cfg(num_experts=8, width=16, max_width_buckets=3)
-    if scenario != "uniform":
-        cfg = cfg.with_layer_experts(0, NONUNIFORM)
-    E, K, F = 8, 2, cfg.max_width(0)
-    per_expert, params = make_experts(cfg, rng)
-    x = rng.normal(size=(T, D)).astype(np.float32)
-    if scenario == "skewed":
-        idx = np.stack([np.full(T, 3), rng.choice([4, 5, 7], size=T)], axis=1)
-    else:
-        idx = np.stack([rng.choice(E, size=K, replace=False) for _ in range(T)])
-    w = rng.uniform(0.1, 1.0, size=(T, K)).astype(np.float32)
-    mask, seq = None, None
-    if scenario == "mask_ef":
-        mask = rng.uniform(0, 1, size=(E, F)).astype(np.float32) * (rng.uniform(size=(E, F)) > 0.3)
-    if scenario == "mask_sef":
-        S = 3
-        mask = rng.uniform(0, 1, size=(S, E, F)).astype(np.float32)
-        seq = np.repeat(np.arange(S), T // S).astype(np.int32)
-    return cfg, per_expert, params, x, idx.astype(np.int32), w, mask, seq
-
-
 def _run(cfg, impl, params, x, idx, w, mask, seq, block_rows=None, stats=True):
     fn = functools.partial(moe.experts_forward, cfg, 0, impl=impl, collect_stats=stats, block_rows=block_rows)
     return jit(lambda p, x, i, w, m, s: fn(p, x, (i, w), dims_mask=m, seq_id_T=s))(
@@ -237,7 +159,7 @@ def _run(cfg, impl, params, x, idx, w, mask, seq, block_rows=None, stats=True):
 
 @pytest.mark.parametrize("scenario", ["uniform", "mask_ef", "mask_sef", "skewed"])
 def test_impls_match_loop_oracle(scenario):
-    cfg, per_expert, params, x, idx, w, mask, seq = _expert_case(scenario)
+    cfg, per_expert, params, x, idx, w, mask, seq = expert_case(scenario)
     assert (len(cfg.expert_buckets(0)) > 1) == (scenario != "uniform")
     y_ref, st_ref = experts_oracle(cfg, per_expert, x, idx, w, mask, seq)
     runs = [(impl, None) for impl in IMPLS]
@@ -257,7 +179,7 @@ def test_impls_match_loop_oracle(scenario):
 def test_per_choice_outputs_match_loop_oracle(scenario):
     """stats["out_TKD"] (what calibration reuses for the routed reconstruction error) is each
     choice's own f_e(x): the oracle run on that one choice with weight 1; trimmed choices are 0."""
-    cfg, per_expert, params, x, idx, w, mask, seq = _expert_case(scenario)
+    cfg, per_expert, params, x, idx, w, mask, seq = expert_case(scenario)
     T, K = idx.shape
     want = np.stack([experts_oracle(cfg, per_expert, x, idx[:, k:k + 1], np.ones((T, 1), np.float32), mask, seq)[0]
                      for k in range(K)], axis=1)
@@ -275,7 +197,7 @@ def test_per_choice_outputs_match_loop_oracle(scenario):
 
 @pytest.mark.parametrize("T", [1, 24])
 def test_auto_is_blocked_at_decode_and_prefill_sizes(T):
-    cfg, per_expert, params, x, idx, w, _, _ = _expert_case("mask_ef", T=T)
+    cfg, per_expert, params, x, idx, w, _, _ = expert_case("mask_ef", T=T)
     fwd = lambda impl: lambda x, i, w: moe.experts_forward(cfg, 0, params, x, (i, w), impl=impl)
     assert str(jax.make_jaxpr(fwd("auto"))(x, idx, w)) == str(jax.make_jaxpr(fwd("blocked"))(x, idx, w))
     y, stats = jit(fwd("auto"))(x, idx, w)
@@ -290,7 +212,7 @@ def test_block_rows_default_is_half_the_mean_load_in_bounds():
 
 
 def test_accepts_routing_tuple_and_namedtuple():
-    cfg, _, params, x, idx, w, _, _ = _expert_case("uniform")
+    cfg, _, params, x, idx, w, _, _ = expert_case("uniform")
     r = moe.Routing(jnp.zeros((24, 8)), jnp.zeros((24, 8)), jnp.asarray(idx), jnp.asarray(w))
     fwd = jit(lambda r: moe.experts_forward(cfg, 0, params, x, r, impl="blocked")[0])
     np.testing.assert_array_equal(np.asarray(fwd(r)), np.asarray(fwd((r.idx_TK, r.weights_TK))))
@@ -299,7 +221,7 @@ def test_accepts_routing_tuple_and_namedtuple():
 @pytest.mark.parametrize("scenario", ["mask_ef", "mask_sef"])
 def test_gradients_agree_across_impls(scenario):
     """d/d(params, x, routing weights, dims mask) of every path equals the dense reference's."""
-    cfg, per_expert, params, x, idx, w, mask, seq = _expert_case(scenario, seed=3)
+    cfg, per_expert, params, x, idx, w, mask, seq = expert_case(scenario, seed=3)
     cot = np.random.default_rng(5).normal(size=x.shape).astype(np.float32)
 
     def loss(impl, block_rows, params, x, w, mask):
@@ -340,14 +262,14 @@ def test_gradients_agree_across_impls(scenario):
 
 
 def test_bucketing_stores_less_than_padding_to_widest():
-    cfg = make_cfg(num_experts=8, width=16, max_width_buckets=3).with_layer_experts(0, NONUNIFORM)
+    cfg = moe_layer_config(num_experts=8, width=16, max_width_buckets=3).with_layer_experts(0, NONUNIFORM_WIDTHS)
     assert len(cfg.expert_buckets(0)) > 1
     stored, useful = cfg.padded_expert_params(0)
-    assert useful <= stored < len(NONUNIFORM) * max(NONUNIFORM)
+    assert useful <= stored < len(NONUNIFORM_WIDTHS) * max(NONUNIFORM_WIDTHS)
 
 
 def test_bf16_close_to_float32():
-    cfg, _, params, x, idx, w, mask, _ = _expert_case("mask_ef", seed=7, T=64)
+    cfg, _, params, x, idx, w, mask, _ = expert_case("mask_ef", seed=7, T=64)
     params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     y32 = np.asarray(_run(cfg, "dense", params, x, idx, w, mask, None, stats=False)[0])
     for impl in IMPLS:
@@ -358,9 +280,9 @@ def test_bf16_close_to_float32():
 
 
 def test_route_then_experts_never_uses_a_masked_expert():
-    cfg = make_cfg(num_experts=8, width=16)
+    cfg = moe_layer_config(num_experts=8, width=16)
     rng = np.random.default_rng(8)
-    _, params = make_experts(cfg, rng)
+    _, params = moe_layer_experts(cfg, rng)
     x = rng.normal(size=(32, D)).astype(np.float32)
     router = {"router": {"kernel": rng.normal(size=(D, 8)).astype(np.float32)}}
     mask = np.ones((32, 8), np.float32)
@@ -378,7 +300,7 @@ def test_route_then_experts_never_uses_a_masked_expert():
 
 
 def test_errors_name_the_bad_value():
-    cfg, _, params, x, idx, w, _, _ = _expert_case("skewed")
+    cfg, _, params, x, idx, w, _, _ = expert_case("skewed")
     with pytest.raises(ValueError, match="impl='fast'"):
         moe.experts_forward(cfg, 0, params, x, (idx, w), impl="fast")
     with pytest.raises(ValueError, match=r"dims_mask has shape \(8, 7\)"):
@@ -394,7 +316,7 @@ def test_errors_name_the_bad_value():
 
 def test_expert_weight_roundtrip_in_oracle_inputs():
     """The oracle reads the same experts the packed params hold (guards the test itself)."""
-    cfg, per_expert, params, *_ = _expert_case("skewed")
+    cfg, per_expert, params, *_ = expert_case("skewed")
     full = {cfg.layer_name(0): {"moe": {"experts": params}}}
     for e in range(8):
         got = expert_weight(cfg, full, 0, e)
@@ -403,7 +325,7 @@ def test_expert_weight_roundtrip_in_oracle_inputs():
 
 def test_stats_count_only_valid_tokens():
     """token_valid_T drops padding from the statistics: equal to the oracle on the valid tokens alone."""
-    cfg, per_expert, params, x, idx, w, mask, seq = _expert_case("mask_ef")
+    cfg, per_expert, params, x, idx, w, mask, seq = expert_case("mask_ef")
     valid = np.random.default_rng(3).uniform(size=len(x)) > 0.4
     _, st_ref = experts_oracle(cfg, per_expert, x[valid], idx[valid], w[valid], mask, None)
     for impl in IMPLS:

@@ -13,21 +13,7 @@ from moe_jax import scoring
 from moe_jax.model import forward
 from moe_jax.model.layout import expert_weight
 from moe_jax.scoring import Scores, ScoringError
-from tests.conftest import scaled_params, tiny_config
-
-
-def _batches(cfg, n_batches=3, B=3, T=9, seed=0):
-    """Pipeline-style batches: packed segments, padding, and answer-only loss masks."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_batches):
-        tokens = rng.integers(1, cfg.vocab_size, (B, T)).astype(np.int32)
-        seg = np.ones((B, T), np.int32)
-        seg[0, 5:] = 2  # two packed examples
-        seg[1, 7:] = 0  # padding
-        loss = (rng.uniform(size=(B, T)) > 0.3).astype(np.float32) * (seg > 0)
-        out.append({"tokens": tokens, "segment_ids": seg, "loss_mask": loss})
-    return out
+from tests.conftest import scaled_params, scoring_batches, tiny_config
 
 
 def _brute_force_fisher(cfg, params, batches):
@@ -60,7 +46,7 @@ def _brute_force_fisher(cfg, params, batches):
 def test_fisher_equals_per_sample_grad_loop(family):
     cfg = tiny_config(family)
     params = scaled_params(cfg)
-    batches = _batches(cfg)
+    batches = scoring_batches(cfg)
     got = scoring.collect(cfg, params, batches, ["fisher", "grad_abs"], micro_batch_size=2, progress=False)
     fisher, grad_abs, n = _brute_force_fisher(cfg, params, batches)
     assert got.num_sequences == n == 9
@@ -74,8 +60,8 @@ def test_fisher_of_a_non_uniform_model_is_nan_beyond_each_width():
     cfg = tiny_config("mixtral", num_layers=1)
     cfg = cfg.with_layer_experts(0, (24, 8, 16, 24, 4, 24, 12, 20))
     params = scaled_params(cfg)
-    got = scoring.collect(cfg, params, _batches(cfg, 1), ["fisher"], progress=False)
-    fisher, _, _ = _brute_force_fisher(cfg, params, _batches(cfg, 1))
+    got = scoring.collect(cfg, params, scoring_batches(cfg, 1), ["fisher"], progress=False)
+    fisher, _, _ = _brute_force_fisher(cfg, params, scoring_batches(cfg, 1))
     arr = got["fisher"]["layer_0"]
     for e, w in enumerate(cfg.expert_widths[0]):
         assert np.isnan(arr[e, w:]).all() and np.isfinite(arr[e, :w]).all()
@@ -85,7 +71,7 @@ def test_fisher_of_a_non_uniform_model_is_nan_beyond_each_width():
 def test_activation_routing_and_magnitude_by_hand_on_one_layer():
     cfg = tiny_config("mixtral", num_layers=1)
     params = scaled_params(cfg)
-    batches = _batches(cfg, 2)
+    batches = scoring_batches(cfg, 2)
     got = scoring.collect(cfg, params, batches, ["activation", "router_weighted", "magnitude", "routing"],
                           micro_batch_size=2, progress=False)
     E, F = cfg.experts_per_layer[0], cfg.max_width(0)
@@ -120,9 +106,9 @@ def test_activation_routing_and_magnitude_by_hand_on_one_layer():
 def test_micro_batching_and_random_are_deterministic():
     cfg = tiny_config("olmoe")
     params = scaled_params(cfg)
-    a = scoring.collect(cfg, params, _batches(cfg), ["fisher", "activation", "random"], micro_batch_size=1,
+    a = scoring.collect(cfg, params, scoring_batches(cfg), ["fisher", "activation", "random"], micro_batch_size=1,
                         progress=False, seed=3)
-    b = scoring.collect(cfg, params, _batches(cfg), ["fisher", "activation", "random"], micro_batch_size=3,
+    b = scoring.collect(cfg, params, scoring_batches(cfg), ["fisher", "activation", "random"], micro_batch_size=3,
                         progress=False, seed=3)
     for stat in ("fisher", "activation", "random"):
         for layer in a[stat]:
@@ -138,7 +124,7 @@ class _Killed(Exception):
 def test_killed_run_resumes_to_the_same_scores(tmp_path):
     cfg = tiny_config("qwen2_moe")
     params = scaled_params(cfg)
-    batches = _batches(cfg, n_batches=5)
+    batches = scoring_batches(cfg, n_batches=5)
     stats = ["fisher", "grad_abs", "activation", "routing"]
     full = scoring.collect(cfg, params, batches, stats, progress=False)
 
@@ -204,7 +190,7 @@ def test_model_digest_changes_with_any_weight_and_only_then():
 def test_scores_save_load_round_trip(tmp_path):
     cfg = tiny_config("mixtral")
     params = scaled_params(cfg)
-    s = scoring.collect(cfg, params, _batches(cfg, 1), ["fisher", "routing"], progress=False)
+    s = scoring.collect(cfg, params, scoring_batches(cfg, 1), ["fisher", "routing"], progress=False)
     path = s.save(tmp_path / "scores.npz")
     back = Scores.load(path)
     assert back.widths == s.widths and back.num_sequences == s.num_sequences
@@ -220,7 +206,7 @@ def test_bad_input_errors():
     cfg = tiny_config("mixtral")
     params = scaled_params(cfg)
     with pytest.raises(ScoringError, match="unknown.*'fishr'"):
-        scoring.collect(cfg, params, _batches(cfg), ["fishr"])
+        scoring.collect(cfg, params, scoring_batches(cfg), ["fishr"])
     empty = [{"tokens": np.ones((2, 6), np.int32), "segment_ids": np.zeros((2, 6), np.int32)}]
     with pytest.raises(ScoringError, match="no calibration tokens"):
         scoring.collect(cfg, params, empty, ["fisher"], progress=False)
@@ -228,7 +214,7 @@ def test_bad_input_errors():
         scoring.collect(cfg, params, [], ["activation"], progress=False)
     with pytest.raises(ScoringError, match="'tokens' has shape"):
         scoring.collect(cfg, params, [np.ones((4,), np.int32)], ["fisher"], progress=False)
-    s = scoring.collect(cfg, params, _batches(cfg, 1), ["fisher"], progress=False)
+    s = scoring.collect(cfg, params, scoring_batches(cfg, 1), ["fisher"], progress=False)
     s.values["fisher"]["layer_1"][3, 5] = np.nan
     with pytest.raises(ScoringError, match="'fisher', layer_1 expert 3.*dim 5"):
         s.check_finite()

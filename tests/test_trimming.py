@@ -14,8 +14,7 @@ import pytest
 from moe_jax import telemetry, trimming
 from moe_jax.model import decode, forward, moe
 from moe_jax.trimming import LayerTrim, RouterDriftError, TrimmingError, TrimmingPolicy
-from tests.conftest import scaled_params, tiny_config
-from tests.test_moe import _expert_case, experts_oracle
+from tests.conftest import expert_case, experts_oracle, scaled_params, tiny_config
 
 BUILT_IN = Path(__file__).resolve().parents[1] / "checkpoints" / "skills_tiny"
 
@@ -90,7 +89,7 @@ def test_identity_policy_reproduces_untrimmed_logits_exactly(family):
 
 
 def _trimmed_case(seed=0):
-    cfg, per_expert, params, x, idx, w, mask, seq = _expert_case("mask_ef", seed=seed)
+    cfg, per_expert, params, x, idx, w, mask, seq = expert_case("mask_ef", seed=seed)
     r = moe.trim(moe.Routing(jnp.zeros((len(x), 8)), jnp.zeros((len(x), 8)), jnp.asarray(idx), jnp.asarray(w)),
                  tau=0.45)
     return cfg, per_expert, params, x, idx, r, mask
