@@ -8,14 +8,12 @@ interleaved in rounds so load that changes during the run moves both alike.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.config import ModelConfig
+from moe_jax import synthetic, timing
 from moe_jax.model import moe
 
 
@@ -28,45 +26,25 @@ class LayerShape:
     tokens: int
 
 
+_Q = synthetic.QWEN15_MOE_A27B
 LAYERS = {
     "mixtral_small": LayerShape(experts=8, top_k=2, hidden=1024, width=2816, tokens=4096),
-    "qwen15": LayerShape(experts=60, top_k=4, hidden=2048, width=1408, tokens=2048),
+    "qwen15": LayerShape(experts=_Q["num_experts"], top_k=_Q["num_experts_per_tok"], hidden=_Q["hidden_size"],
+                         width=_Q["moe_intermediate_size"], tokens=2048),
 }
 
 
-def time_round_robin(calls: dict[str, tuple], repeats: dict[str, int]) -> dict[str, float]:
-    """Median wall seconds per call, timed in interleaved rounds after one warm-up each.
-
-    Interleaving makes the ratios robust to load that changes during the run (a shared CPU).
-    """
-    for fn, args in calls.values():
-        jax.block_until_ready(fn(*args))
-    times = {name: [] for name in calls}
-    for r in range(max(repeats.values())):
-        for name, (fn, args) in calls.items():
-            if r < repeats[name]:
-                start = time.perf_counter()
-                jax.block_until_ready(fn(*args))
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def _setup(shape: LayerShape, tokens: int, dtype, seed: int):
-    cfg = ModelConfig.create(
-        model_type="qwen2_moe", vocab_size=128, hidden_size=shape.hidden, num_layers=1, num_heads=8,
-        num_kv_heads=8, head_dim=shape.hidden // 8, num_experts=shape.experts,
-        moe_intermediate_size=shape.width, num_experts_per_tok=shape.top_k)
-    keys = jax.random.split(jax.random.key(seed), 5)
-    E, D, F = shape.experts, shape.hidden, shape.width
-    experts = {"bucket_0": {
-        "gate": (jax.random.normal(keys[0], (E, D, F)) / np.sqrt(D)).astype(dtype),
-        "up": (jax.random.normal(keys[1], (E, D, F)) / np.sqrt(D)).astype(dtype),
-        "down": (jax.random.normal(keys[2], (E, F, D)) / np.sqrt(F)).astype(dtype),
-    }}
-    x_TD = jax.random.normal(keys[3], (tokens, D), jnp.float32)
-    router = {"router": {"kernel": jax.random.normal(keys[4], (D, E), jnp.float32)}}
-    routing = jax.jit(lambda x: moe.route(cfg, 0, router, x))(x_TD)
-    return cfg, experts, x_TD, routing
+    """The layer of a one-layer random model (`synthetic.random_model`, peaked routers), random
+    tokens, and their routing."""
+    cfg, params = synthetic.random_model(
+        seed=seed, dtype=dtype, shared_expert=False, num_layers=1, vocab_size=128, hidden_size=shape.hidden,
+        num_heads=8, num_experts=shape.experts, top_k=shape.top_k, expert_width=shape.width,
+        max_position_embeddings=128)
+    layer = params[cfg.layer_name(0)]["moe"]
+    x_TD = jax.random.normal(jax.random.key(seed), (tokens, shape.hidden), jnp.float32)
+    routing = jax.jit(lambda x: moe.route(cfg, 0, {"router": layer["router"]}, x))(x_TD)
+    return cfg, layer["experts"], x_TD, routing
 
 
 def _estimated_flops(impl: str, shape: LayerShape, useful: float) -> float:
@@ -87,7 +65,7 @@ def measure_layer(shape: LayerShape, *, dtype, impls, repeats: int = 3, block_ro
     a = jax.random.normal(jax.random.key(1), (T * K, D)).astype(dtype)
     b = jax.random.normal(jax.random.key(2), (D, 3 * F)).astype(dtype)
     matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    matmul_s = time_round_robin({"matmul": (matmul, (a, b))}, {"matmul": 1})["matmul"]  # for estimates
+    matmul_s = timing.round_robin_seconds({"matmul": (matmul, (a, b))}, {"matmul": 1})["matmul"]  # for estimates
 
     calls, counts, skipped = {"matmul": (matmul, (a, b))}, {"matmul": repeats}, {}
     for impl in impls:
@@ -103,7 +81,7 @@ def measure_layer(shape: LayerShape, *, dtype, impls, repeats: int = 3, block_ro
             calls[impl] = (fn, (experts, x_TD, routing.idx_TK, routing.weights_TK))
             counts[impl] = int(max(1, min(repeats, budget_s // max(est_s, 1e-3))))
     loads = np.bincount(np.asarray(routing.idx_TK).ravel(), minlength=shape.experts)
-    return {"seconds": time_round_robin(calls, counts), "skipped": skipped, "useful_flops": useful,
+    return {"seconds": timing.round_robin_seconds(calls, counts), "skipped": skipped, "useful_flops": useful,
             "block_rows": block_rows or moe.block_rows_for(T, K, shape.experts),
             "expert_load": [int(loads.min()), int(loads.max())]}
 

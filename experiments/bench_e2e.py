@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_dispatch
-from moe_jax import evaluation, pruning, scoring, synthetic, telemetry, trimming
+from moe_jax import evaluation, pruning, scoring, synthetic, telemetry, timing, trimming
 from moe_jax.config import ModelConfig
 from moe_jax.model import decode
 from moe_jax.reporting import fmt
@@ -131,12 +131,6 @@ def _variant_row(label: str, cfg: ModelConfig, params, s: E2ESettings, masks=Non
             "device_memory": device_memory()}
 
 
-def _median(values) -> float | None:
-    """Median of the measured rounds; a decode time lost in noise (None) is left out."""
-    known = [v for v in values if v is not None]
-    return float(np.median(known)) if known else None
-
-
 def _score(cfg, params, s: E2ESettings, log) -> tuple[scoring.Scores, dict[str, float]]:
     """Fisher scores of N x L random calibration tokens, timed for each scorer asked for (compile included)."""
     batches = _token_batches(np.random.default_rng(s.seed), cfg, s.calib_sequences, s.calib_len, s.micro_batch_size)
@@ -201,8 +195,9 @@ def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     del variants
     for row in rows:
         row["prefill_rounds"], row["decode_rounds"] = row["prefill_tokens_per_s"], row["decode_tokens_per_s"]
-        row["prefill_tokens_per_s"], row["decode_tokens_per_s"] = _median(row["prefill_rounds"]), _median(
-            row["decode_rounds"])
+        # the median of the rounds; a decode time lost in noise (None) is left out
+        row["prefill_tokens_per_s"] = timing.median_of_known(row["prefill_rounds"])
+        row["decode_tokens_per_s"] = timing.median_of_known(row["decode_rounds"])
     base = rows[0]["routed_active_per_token"]
     for r in rows:
         if r["active_fraction"] is None:

@@ -43,7 +43,7 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, hf_config, launch, pruning, quality, reporting, scoring  # noqa: E402
+from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, synthetic, timing  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 from moe_jax.data import skills  # noqa: E402
 from moe_jax.model import transformer  # noqa: E402
@@ -55,15 +55,6 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/fisher_moe_repro.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where the report, plots and resumable progress go.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-QWEN15_MOE_A27B = {  # config.json of Qwen/Qwen1.5-MoE-A2.7B (no weights needed)
-    "model_type": "qwen2_moe", "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 24,
-    "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 5632,
-    "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_experts": 60,
-    "num_experts_per_tok": 4, "norm_topk_prob": False, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-    "max_position_embeddings": 8192, "tie_word_embeddings": False, "decoder_sparse_step": 1,
-}
-
 
 # ============================================================================ pieces
 def top_k_removed_masks(cfg: ModelConfig, ranking: dict[str, np.ndarray], k: int):
@@ -99,14 +90,8 @@ def scoring_cost(cfg, params, batch, micro_batch_size: int, repeats: int = 5) ->
     fisher = lambda: _score_step(cfg, params, chunk, want_grad=True, want_acts=True, impl="auto",  # noqa: E731
                                  want_traj=False, want_dense=False)
     base = lambda: plain(params, chunk)  # noqa: E731
-    jax.block_until_ready(fisher()), jax.block_until_ready(base())
-    times = {"fisher": [], "plain": []}
-    for _ in range(repeats):  # interleaved, so drift hits both alike
-        for name, fn in (("fisher", fisher), ("plain", base)):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
-    f, p = float(np.median(times["fisher"])), float(np.median(times["plain"]))
+    seconds = timing.round_robin_seconds({"fisher": (fisher, ()), "plain": (base, ())}, repeats)  # drift hits both
+    f, p = seconds["fisher"], seconds["plain"]
     return {"fisher_s_per_token": f / tokens, "plain_s_per_token": p / tokens, "ratio": f / p, "tokens": tokens}
 
 
@@ -114,12 +99,10 @@ def heavy_model(config, fractions: dict[int, list[float]]):
     """A random expert-dominated model, unpruned and at 50% (expert scope, and `fractions` per
     expert as a global plan would leave them); for throughput only."""
     h = config.heavy
-    cfg = ModelConfig.create(model_type="qwen2_moe", vocab_size=h.vocab_size, hidden_size=h.hidden_size,
-                             num_layers=h.num_layers, num_heads=h.num_heads, num_kv_heads=h.num_heads,
-                             head_dim=h.hidden_size // h.num_heads, num_experts=h.num_experts,
-                             num_experts_per_tok=h.top_k, moe_intermediate_size=h.width,
-                             max_position_embeddings=512)
-    params = transformer.init(cfg, jax.random.PRNGKey(0))
+    cfg, params = synthetic.random_model(
+        dtype=jnp.float32, router_scale=1.0, shared_expert=False, vocab_size=h.vocab_size,
+        hidden_size=h.hidden_size, num_layers=h.num_layers, num_heads=h.num_heads, num_experts=h.num_experts,
+        top_k=h.top_k, expert_width=h.width, max_position_embeddings=512)
     per_layer = list(fractions.values())
     expert_plan = {lyr: tuple(range(h.num_experts)) for lyr in cfg.moe_layers}
     widths = {lyr: tuple(cfg.expert_widths[lyr]) for lyr in cfg.moe_layers}
@@ -153,7 +136,7 @@ def memory_table(cfg: ModelConfig, params, sizes: dict[str, dict]) -> dict[str, 
     """Bytes before/after for this model (`sizes`: model_size of each compacted model), and
     Qwen1.5-MoE-A2.7B at 50% by shapes."""
     out = {"this_model": {"unpruned": evaluation.model_size(cfg, params), **sizes}}
-    q = hf_config.from_hf(QWEN15_MOE_A27B)
+    q = synthetic.qwen15_moe_config()
     half = q
     for layer in q.moe_layers:
         half = half.with_layer_experts(layer, [w - round(0.5 * w) for w in q.expert_widths[layer]])

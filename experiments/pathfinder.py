@@ -42,10 +42,9 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, launch, pruning, quality, reporting, scoring  # noqa: E402
+from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, synthetic, timing  # noqa: E402
 from moe_jax.config import ModelConfig  # noqa: E402
 from moe_jax.data import skills  # noqa: E402
-from moe_jax.model import transformer  # noqa: E402
 from moe_jax.reporting import fmt  # noqa: E402
 from moe_jax.reproduction import book  # noqa: E402
 from moe_jax.scoring import trajectory  # noqa: E402
@@ -96,14 +95,7 @@ def recon_cost(cfg: ModelConfig, params, layer: int, x_TD, repeats: int) -> dict
         y = moe.experts_forward(cfg, layer, moe_params["experts"], x, r)[0]
         return trajectory.dense_recon(cfg, params, layer, x, y, valid_T)
 
-    def seconds(fn, *args):
-        jax.block_until_ready(fn(*args))
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+    seconds = lambda fn, *args: timing.median_seconds(fn, *args, repeats=repeats)  # noqa: E731
 
     out = {
         "forward_s": seconds(forward, moe_params, x_TD),
@@ -119,14 +111,13 @@ def recon_cost(cfg: ModelConfig, params, layer: int, x_TD, repeats: int) -> dict
 
 
 def qwen15_layer(config):
-    """One Qwen1.5-MoE-A2.7B-shaped MoE layer (60 experts x 1408, top-4, hidden 2048), random
-    float32 weights (CPUs have no fast bf16 matmul)."""
+    """One Qwen1.5-MoE-A2.7B-shaped MoE layer (60 experts x 1408, top-4, hidden 2048; its routed
+    experts only), random float32 weights (CPUs have no fast bf16 matmul), and its input."""
     q = config.qwen_layer
-    cfg = ModelConfig.create(model_type="qwen2_moe", vocab_size=64, hidden_size=q.hidden_size, num_layers=1,
-                             num_heads=16, num_kv_heads=16, head_dim=q.hidden_size // 16, num_experts=q.num_experts,
-                             num_experts_per_tok=q.top_k, moe_intermediate_size=q.width, max_position_embeddings=64)
-    params = transformer.init(cfg, jax.random.PRNGKey(0))
-    params["layer_0"]["moe"]["router"]["kernel"] = params["layer_0"]["moe"]["router"]["kernel"] * 50.0
+    cfg, params = synthetic.random_model(
+        dtype=jnp.float32, router_scale=50.0, shared_expert=False, num_layers=1, vocab_size=64,
+        hidden_size=q.hidden_size, num_experts=q.num_experts, top_k=q.top_k, expert_width=q.width,
+        max_position_embeddings=64)
     x = jax.random.normal(jax.random.PRNGKey(1), (q.tokens, q.hidden_size), jnp.float32)
     return cfg, params, x
 

@@ -22,22 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moe_jax import evaluation, launch, reporting, synthetic, telemetry, trimming  # noqa: E402
-from moe_jax.config import ModelConfig  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/trim_latency.py[:preset].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where report.md and report.json go.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def random_model(c):
-    cfg = ModelConfig.create(
-        model_type="qwen2_moe", vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_layers=c.num_layers,
-        num_heads=c.num_heads, num_kv_heads=c.num_heads, head_dim=c.hidden_size // c.num_heads,
-        num_experts=c.num_experts, num_experts_per_tok=c.top_k, moe_intermediate_size=c.width,
-        shared_expert_width=c.shared_width, shared_expert_gate=bool(c.shared_width), qkv_bias=True,
-        max_position_embeddings=c.prompt_len + c.new_tokens)
-    return cfg, synthetic.random_params(cfg, c.seed, c.dtype, c.router_scale)
 
 
 def main(argv: list[str]) -> None:
@@ -46,7 +35,11 @@ def main(argv: list[str]) -> None:
     launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
     c, workdir = FLAGS.config, Path(FLAGS.workdir)
     t_start = time.perf_counter()
-    cfg, params = random_model(c)
+    cfg, params = synthetic.random_model(
+        seed=c.seed, dtype=c.dtype, router_scale=c.router_scale, shared_expert=bool(c.shared_width),
+        num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_heads, num_experts=c.num_experts,
+        top_k=c.top_k, expert_width=c.width, shared_width=c.shared_width, vocab_size=c.vocab_size,
+        max_position_embeddings=c.prompt_len + c.new_tokens)
     size = evaluation.model_size(cfg, params)
     K = cfg.num_experts_per_tok
     rows = {K: None}

@@ -39,7 +39,7 @@ from ml_collections import config_flags
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, telemetry, trimming  # noqa: E402
+from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, telemetry, timing, trimming  # noqa: E402
 from moe_jax.data import pipeline, skills  # noqa: E402
 from moe_jax.reporting import fmt  # noqa: E402
 from moe_jax.reproduction import book  # noqa: E402
@@ -61,13 +61,6 @@ def real_prompts(tokenizer, examples, batch_size: int, length: int) -> np.ndarra
         if len(stream) >= batch_size * length:
             break
     return np.asarray(stream[:batch_size * length], np.int32).reshape(batch_size, length)
-
-
-def _median(values: list) -> float | None:
-    """Median of the rounds that produced a number (decode time can come out <= 0, hence None, when
-    noise exceeds a very short decode)."""
-    numbers = [v for v in values if v is not None]
-    return float(np.median(numbers)) if numbers else None
 
 
 def scored(runs: reporting.ResumableRuns, key: str, cfg, params, tok, examples, masks, config,
@@ -196,7 +189,7 @@ def main(argv: list[str]) -> None:
         results[label].update(rounds[-1])
         for key in ("prefill_latency_ms_per_token", "decode_latency_ms_per_token", "prefill_tokens_per_s",
                     "decode_tokens_per_s"):
-            results[label][key] = _median([m[key] for m in rounds])
+            results[label][key] = timing.median_of_known([m[key] for m in rounds])
         r = results[label]
         r["routed_vs_top_k"] = r["active_routed_params"] / standard_routed
         print(f"{label}: mean EM {fmt(r.get('mean_em'))}, {r.get('quality', 'no quality')}, routed params/token "

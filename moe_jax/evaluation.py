@@ -25,10 +25,8 @@ import json
 import logging
 import os
 import resource
-import statistics
 import sys
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moe_jax import timing
 from moe_jax.config import ModelConfig
 from moe_jax.data import pipeline, skills
 from moe_jax.data.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
@@ -379,8 +378,8 @@ def throughput(cfg: ModelConfig, params: Params, *, batch_size: int = 8, prompt_
             raise ValueError(f"throughput: prompts have shape {tokens.shape}, expected (batch_size, prompt_len) = "
                              f"{(batch_size, prompt_len)}")
     run = lambda n: decode.generate(cfg, params, tokens, n, eos_id=None, masks=masks)  # noqa: E731
-    prefill_s = _median_seconds(lambda: run(1), repeats)
-    full_s = _median_seconds(lambda: run(new_tokens), repeats)
+    prefill_s = timing.median_seconds(run, 1, repeats=repeats)
+    full_s = timing.median_seconds(run, new_tokens, repeats=repeats)
     decode_s = full_s - prefill_s
     return {
         "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
@@ -388,16 +387,6 @@ def throughput(cfg: ModelConfig, params: Params, *, batch_size: int = 8, prompt_
         "decode_tokens_per_s": batch_size * (new_tokens - 1) / decode_s if decode_s > 0 else None,
         "memory": peak_memory(), "device": str(jax.devices()[0].device_kind),
     }
-
-
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def peak_memory() -> dict[str, Any]:

@@ -3,7 +3,8 @@
 `qwen15_moe_config` builds Qwen1.5-MoE-A2.7B's config through the Hugging Face reader (so the
 shape is the one a real checkpoint would get), optionally reduced; `random_params` draws
 weights with routers scaled so routing is peaked, as in trained models (random routers are
-near-uniform, which hides what trimming and pruning change).
+near-uniform, which hides what trimming and pruning change); `random_model` is the two together,
+the one random-model builder of the launchers and benchmarks.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ SIZE_KEYS = {"num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "n
              "max_position_embeddings": "max_position_embeddings"}
 
 
-def qwen15_moe_config(**sizes: int) -> ModelConfig:
-    """Qwen1.5-MoE-A2.7B's ModelConfig; `sizes` (keys of `SIZE_KEYS`, 0/None = keep) shrink it."""
+def qwen15_moe_config(*, shared_expert: bool = True, **sizes: int) -> ModelConfig:
+    """Qwen1.5-MoE-A2.7B's ModelConfig; `sizes` (keys of `SIZE_KEYS`, 0/None = keep) shrink it;
+    `shared_expert=False` drops the shared expert (a model whose routed experts dominate)."""
     unknown = sorted(set(sizes) - set(SIZE_KEYS))
     if unknown:
         raise ValueError(f"qwen15_moe_config: unknown size(s) {unknown}; expected some of {sorted(SIZE_KEYS)}")
@@ -42,6 +44,8 @@ def qwen15_moe_config(**sizes: int) -> ModelConfig:
         if value:
             hf[SIZE_KEYS[name]] = int(value)
     hf["num_key_value_heads"] = hf["num_attention_heads"]
+    if not shared_expert:
+        hf["shared_expert_intermediate_size"] = 0
     if hf["hidden_size"] % hf["num_attention_heads"]:
         raise ValueError(f"hidden_size={hf['hidden_size']} is not divisible by num_heads={hf['num_attention_heads']}")
     return hf_config.from_hf(hf, source="Qwen1.5-MoE-A2.7B (synthetic)")
@@ -69,3 +73,10 @@ def random_params(cfg: ModelConfig, seed: int = 0, dtype: Any = jnp.bfloat16, ro
         router = params[cfg.layer_name(i)]["moe"]["router"]
         router["kernel"] = router["kernel"] * router_scale
     return params
+
+
+def random_model(*, seed: int = 0, dtype: Any = jnp.bfloat16, router_scale: float = 40.0, shared_expert: bool = True,
+                 **sizes: int) -> tuple[ModelConfig, dict]:
+    """(cfg, params): `qwen15_moe_config(shared_expert=..., **sizes)` with `random_params` weights."""
+    cfg = qwen15_moe_config(shared_expert=shared_expert, **sizes)
+    return cfg, random_params(cfg, seed, dtype, router_scale)
