@@ -42,9 +42,8 @@ def run_checks(names: tuple[str, ...]) -> dict:  # noqa: C901  (one list of chec
     import jax.numpy as jnp
     import ml_collections  # noqa: F401
 
-    from moe_jax import model, scoring, sharding, train
-    from moe_jax.model import moe
-    from moe_jax.sharding import expert_parallel
+    from moe_jax import model, scoring, sharding, train, training_step
+    from moe_jax.model import expert_parallel, moe
 
     jax.config.update("jax_default_matmul_precision", "highest")
     assert jax.device_count() == 8, jax.devices()
@@ -98,13 +97,13 @@ def run_checks(names: tuple[str, ...]) -> dict:  # noqa: C901  (one list of chec
 
     config = train.default_config()
     config.optim.update(lr=1e-2, warmup_steps=0, eps=1e-3)  # eps >> |noise|: the update is smooth in g
-    state = train.init_state(cfg, config)
-    state = state.replace(params=params, opt_state=train.make_optimizer(config).init(params))
+    state = training_step.init_state(cfg, config)
+    state = state.replace(params=params, opt_state=training_step.make_optimizer(config).init(params))
 
     @functools.cache
     def want_train():
         config.impl = "dense"
-        want_state, want_metrics = train.make_train_step(cfg, config)(state, train_batch)
+        want_state, want_metrics = training_step.make_train_step(cfg, config)(state, train_batch)
         moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                     for a, b in zip(jax.tree_util.tree_leaves(want_state.params), jax.tree_util.tree_leaves(params)))
         assert moved > 1e-3, moved  # the step really changes the params
@@ -153,7 +152,7 @@ def run_checks(names: tuple[str, ...]) -> dict:  # noqa: C901  (one list of chec
         def _():
             want_params, want_loss = want_train()
             config.impl = impl
-            placed_state, step = sharding.sharded_train_step(cfg, config, mesh, state, B)
+            placed_state, step = training_step.sharded_train_step(cfg, config, mesh, state, B)
             got_state, got_metrics = step(placed_state, train_batch)
             assert expert_sharded(got_state.params) == (n_expert > 1)
             for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got_state.params),

@@ -2,7 +2,7 @@
 scale-out matrix in an 8-device worker.
 
 The matrix, one test per cell: sharded forward logits, greedy generation with the KV cache,
-Fisher scores (`sharded_collect`) and one training step (`sharded_train_step`: params, loss)
+Fisher scores (`sharded_collect`) and one training step (`training_step.sharded_train_step`: params, loss)
 on each of the meshes data=8 (8x1), data=2 x expert=4 (2x4) and expert=8 (1x8), data x expert;
 impl="expert_parallel" where the expert axis is > 1, "dense" (GSPMD) on data=8. Each is
 compared with the single-device result (float32, 1e-5 relative to the largest value; greedy

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from moe_jax import hf, train
+from moe_jax import hf, train, training_step
 from moe_jax.data import pipeline, skills
 from moe_jax.data.tokenizer import ByteTokenizer
 
@@ -65,19 +65,19 @@ def test_load_balancing_loss_matches_hand_computation():
     # P_e: mean probability over the 3 real tokens.
     p = np.array([0.4 + 0.1 + 0.25, 0.3 + 0.6 + 0.25, 0.2 + 0.2 + 0.25, 0.1 + 0.1 + 0.25]) / 3
     expected = 4 * float(np.sum(f * p))
-    got = float(train.load_balancing_loss(jnp.asarray(scores), jnp.asarray(idx), jnp.asarray(valid)))
+    got = float(training_step.load_balancing_loss(jnp.asarray(scores), jnp.asarray(idx), jnp.asarray(valid)))
     assert got == pytest.approx(expected, rel=1e-6)
     # Uniform probabilities and perfectly spread assignments give exactly 1.
     uniform = jnp.full((1, 2, 4), 0.25)
     spread = jnp.array([[[0, 1], [2, 3]]])
-    assert float(train.load_balancing_loss(uniform, spread, jnp.ones((1, 2), bool))) == pytest.approx(1.0)
+    assert float(training_step.load_balancing_loss(uniform, spread, jnp.ones((1, 2), bool))) == pytest.approx(1.0)
 
 
 def test_load_balancing_gradient_flows_through_probabilities_only():
     logits = jnp.array([[[1.0, 0.0, -1.0, 0.5]]])
     idx = jnp.array([[[0, 3]]])
     valid = jnp.ones((1, 1), bool)
-    grad = jax.grad(lambda x: train.load_balancing_loss(jax.nn.softmax(x), idx, valid))(logits)
+    grad = jax.grad(lambda x: training_step.load_balancing_loss(jax.nn.softmax(x), idx, valid))(logits)
     f = np.array([0.5, 0, 0, 0.5])
     p = np.asarray(jax.nn.softmax(logits))[0, 0]
     expected = 4 * p * (f - np.sum(f * p))  # d/dlogits of E * sum_e f_e softmax_e
@@ -89,7 +89,7 @@ def test_router_z_loss_matches_hand_computation():
     valid = np.array([[True, True, False]])
     lse = [math.log(sum(math.exp(x) for x in row)) for row in logits[0, :2]]
     expected = (lse[0] ** 2 + lse[1] ** 2) / 2
-    got = float(train.router_z_loss(jnp.asarray(logits), jnp.asarray(valid)))
+    got = float(training_step.router_z_loss(jnp.asarray(logits), jnp.asarray(valid)))
     assert got == pytest.approx(expected, rel=1e-6)
 
 
@@ -134,8 +134,8 @@ def test_smoke_training_lowers_held_out_loss(trained):
     config = tiny_train_config()
     cfg = train.model_config(config)
     data = train.load_skills(config, ByteTokenizer())
-    initial = train.init_state(cfg, config)
-    eval_fn = train.make_eval_step(cfg, config.impl)
+    initial = training_step.init_state(cfg, config)
+    eval_fn = training_step.make_eval_step(cfg, config.impl)
     before = train.evaluate_loss(eval_fn, initial.params, data, config.batch_size)["eval_ce"]
     assert before == pytest.approx(math.log(cfg.vocab_size), rel=0.05)  # ~uniform at init
     after = summary["final"]["eval_ce"]

@@ -21,10 +21,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from moe_jax import scoring
 from moe_jax.checkpoint import TrainState
 from moe_jax.config import ModelConfig
 from moe_jax.model import decode, transformer
-from moe_jax.sharding.mesh import BATCH_AXES, axis_size, check_mesh_fits
+from moe_jax.model.expert_parallel import BATCH_AXES
+from moe_jax.sharding.mesh import axis_size, check_mesh_fits
 from moe_jax.sharding.rules import DEFAULT_RULES, Rule, tree_shardings
 
 
@@ -61,7 +63,7 @@ def cache_axes(cfg: ModelConfig, mesh: Mesh, batch_size: int) -> tuple[Any, str 
     return (batch[0] if len(batch) else None), heads
 
 
-def _on_mesh(mesh: Mesh, jitted: Callable) -> Callable:
+def on_mesh(mesh: Mesh, jitted: Callable) -> Callable:
     @functools.wraps(jitted)
     def call(*args, **kwargs):
         with jax.set_mesh(mesh):
@@ -69,7 +71,7 @@ def _on_mesh(mesh: Mesh, jitted: Callable) -> Callable:
     return call
 
 
-def _check(cfg: ModelConfig, mesh: Mesh, impl: str) -> None:
+def check_fits(cfg: ModelConfig, mesh: Mesh, impl: str) -> None:
     check_mesh_fits(cfg, mesh)
     if impl == "expert_parallel" and "expert" not in mesh.axis_names:
         raise ValueError(f"impl='expert_parallel' needs a mesh with an 'expert' axis; got axes {mesh.axis_names}")
@@ -86,7 +88,7 @@ def forward_shardings(cfg: ModelConfig, mesh: Mesh, params, batch_size: int, rul
 def sharded_forward(cfg: ModelConfig, mesh: Mesh, params, batch_size: int, *, impl: str = "auto",
                     rules: Sequence[Rule] = DEFAULT_RULES) -> Callable:
     """fn(params, tokens_BT, attention_mask=None) -> logits (B, T, V) float32, on `mesh`."""
-    _check(cfg, mesh, impl)
+    check_fits(cfg, mesh, impl)
     (params_sh, tokens_sh), logits_sh = forward_shardings(cfg, mesh, params, batch_size, rules)
 
     def fwd(params, tokens, attention_mask):
@@ -99,7 +101,7 @@ def sharded_forward(cfg: ModelConfig, mesh: Mesh, params, batch_size: int, *, im
         mask = np.ones(np.shape(tokens), bool) if attention_mask is None else attention_mask
         return jitted(params, *jax.device_put((tokens, mask), tokens_sh))
 
-    return _on_mesh(mesh, call)
+    return on_mesh(mesh, call)
 
 
 # ================================================================================ generate
@@ -109,7 +111,7 @@ def sharded_generate(cfg: ModelConfig, mesh: Mesh, params, batch_size: int, max_
     """fn(params, prompts_BP, attention_mask_BP, rng=None, eos_id=-1, pad_id=0, masks=None) ->
     (B, max_new_tokens) int32, the KV cache split over batch x KV heads (`cache_axes`). Prompts are
     left-padded arrays; `masks` (pruning / trimming, as `model.generate` takes them) are replicated."""
-    _check(cfg, mesh, impl)
+    check_fits(cfg, mesh, impl)
     params_sh = tree_shardings(params, mesh, rules)
     batch_sh, rep = batch_sharding(mesh, batch_size), replicated(mesh)
     axes = cache_axes(cfg, mesh, batch_size)
@@ -127,7 +129,7 @@ def sharded_generate(cfg: ModelConfig, mesh: Mesh, params, batch_size: int, max_
         return jitted(params, *jax.device_put((prompts, mask), batch_sh),
                       *jax.device_put((rng, jnp.int32(eos_id), jnp.int32(pad_id), masks), rep))
 
-    return _on_mesh(mesh, call)
+    return on_mesh(mesh, call)
 
 
 # ================================================================================ scoring
@@ -139,9 +141,7 @@ def sharded_collect(cfg: ModelConfig, params, batches: Iterable, statistics: Seq
     The step's outputs (sums over the micro-batch) come back replicated and accumulate on the host
     in float64 exactly as on one device.
     """
-    from moe_jax import scoring
-
-    _check(cfg, mesh, impl)
+    check_fits(cfg, mesh, impl)
     params = jax.device_put(params, tree_shardings(params, mesh, rules))
     rows_sh = batch_sharding(mesh, micro_batch_size)
     with jax.set_mesh(mesh):
@@ -152,26 +152,10 @@ def sharded_collect(cfg: ModelConfig, params, batches: Iterable, statistics: Seq
 # ================================================================================ training
 def train_state_shardings(state: TrainState, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) -> TrainState:
     """Params by `rules` (every leaf must match); optimizer moments by the same rules through their
-    nested paths (".../mu/layer_0/..."), other optimizer leaves and step/rng replicated."""
+    nested paths (".../mu/layer_0/..."), other optimizer leaves and step/rng replicated.
+    (`moe_jax.training_step.sharded_train_step` runs the train step on these.)"""
     return TrainState(tree_shardings(state.params, mesh, rules), tree_shardings(state.opt_state, mesh, rules, False),
                       replicated(mesh), replicated(mesh))
-
-
-def sharded_train_step(cfg: ModelConfig, config, mesh: Mesh, state: TrainState, batch_size: int,
-                       rules: Sequence[Rule] = DEFAULT_RULES) -> tuple[TrainState, Callable]:
-    """(state placed on `mesh`, step(state, batch) -> (state, metrics)): `train.train_step` with
-    the state kept sharded between steps and the batch split over the batch axes."""
-    from moe_jax import train
-
-    settings = train.StepSettings.from_config(config)
-    _check(cfg, mesh, settings.impl)
-    state_sh = train_state_shardings(state, mesh, rules)
-    step = functools.partial(train.train_step, cfg=cfg, settings=settings)
-    batch_sh = batch_sharding(mesh, batch_size)
-    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
-                     donate_argnums=())
-    run = _on_mesh(mesh, lambda state, batch: jitted(state, jax.device_put(batch, batch_sh)))
-    return jax.device_put(state, state_sh), run
 
 
 def per_device_bytes(tree) -> int:

@@ -24,7 +24,6 @@ from jax.sharding import AxisType, Mesh
 from moe_jax.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
-BATCH_AXES = ("data", "fsdp", "expert")  # the axes a batch (and each MoE layer's tokens) is split over
 
 
 class MeshError(ValueError):

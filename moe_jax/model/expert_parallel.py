@@ -10,7 +10,7 @@ axes (data, fsdp, expert) and the routed experts over `expert` (n devices). Per 
   2. `jax.lax.all_to_all` over `expert` delivers, to each device, the rows meant for it
      (with their local expert slot, combine weight, sequence id and validity);
   3. the device runs its local experts on them with the ordinary single-device code
-     (`moe.experts_forward`, "blocked" by default: empty slots are inactive rows and cost no
+     (`moe_jax.model.experts.forward`, "blocked" by default: empty slots are inactive rows and cost no
      expert work), weighted by the router's combine weights;
   4. a second all_to_all brings each row's output home, and rows are summed over k.
 
@@ -20,7 +20,7 @@ not be tested here; the padded buffer costs n x the row traffic, never correctne
 
 Experts live in width buckets. Bucket b's E_b experts are dealt out in runs of
 L_b = ceil(E_b / n) per device. When n divides E_b the bucket's params arrive sharded on
-`expert` (as `rules.DEFAULT_RULES` store them); otherwise they arrive replicated and each device
+`expert` (as `moe_jax.sharding.rules.DEFAULT_RULES` store them); otherwise they arrive replicated and each device
 gathers its own run, the last device's run padded with slots that no router index maps to, so no
 row ever reaches them. Router maths stays outside (replicated, float32), so routing is
 bit-identical to one device.
@@ -36,11 +36,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.config import ModelConfig
-from moe_jax.sharding.mesh import BATCH_AXES
+from moe_jax.model import experts as local_paths
 
 _F32 = jnp.float32
-# The path each device runs its local experts with (a `moe.IMPLS` name). "auto" ("blocked") skips
-# empty buffer slots; "dense" computes every slot and compiles fastest, which suits tiny test models.
+BATCH_AXES = ("data", "fsdp", "expert")  # the axes a batch (and each MoE layer's tokens) is split over
+# The path each device runs its local experts with (an `experts.LOCAL_IMPLS` name). "auto" ("blocked")
+# skips empty buffer slots; "dense" computes every slot and compiles fastest, which suits tiny test models.
 INNER_IMPL = "auto"
 
 
@@ -118,8 +119,6 @@ def experts_forward(cfg: ModelConfig, layer: int, experts_params, x_TD, idx_TK, 
 def _local(experts, x_TD, idx_TK, w_TK, send_TK, seq_T, valid_T, mask, *, cfg, layer, lay: _Layout, n: int,
            collect_stats: bool, inner_impl: str, sum_axes: tuple[str, ...]):
     """One device: send rows to their experts' owners, run the local experts, bring outputs back."""
-    from moe_jax.model import moe  # local: moe imports this module lazily
-
     me = jax.lax.axis_index("expert")
     T, K = idx_TK.shape
     D = x_TD.shape[1]
@@ -151,9 +150,8 @@ def _local(experts, x_TD, idx_TK, w_TK, send_TK, seq_T, valid_T, mask, *, cfg, l
     if mask is not None:  # the device's slots' rows of the (E, F) or (S, E, F) dims mask
         router_S = jnp.asarray(lay.router_of_NS)[me]
         local_mask = jnp.take(mask, jnp.minimum(router_S, mask.shape[-2] - 1), axis=-2)
-    routing = moe.Routing(None, None, slot_S[:, None], w_S[:, None], live_S[:, None])
-    y_SD, stats = moe.experts_forward(
-        lay.local_cfg, layer, local_params, x_SD, routing, dims_mask=local_mask,
+    y_SD, stats = local_paths.forward(
+        lay.local_cfg, layer, local_params, x_SD, slot_S[:, None], w_S[:, None], live_S[:, None], dims_mask=local_mask,
         seq_id_T=seq_S if local_mask is not None and local_mask.ndim == 3 else None,
         impl=inner_impl, collect_stats=collect_stats, token_valid_T=valid_S)
     back_NRD = jax.lax.all_to_all(y_SD.reshape(n, R, D), "expert", 0, 0, tiled=True)
@@ -167,4 +165,4 @@ def _local(experts, x_TD, idx_TK, w_TK, send_TK, seq_T, valid_T, mask, *, cfg, l
     return y_TD, stats
 
 
-__all__ = ["experts_forward", "token_axes"]
+__all__ = ["BATCH_AXES", "experts_forward", "token_axes"]
