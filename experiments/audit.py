@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -34,16 +33,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from moe_jax import evaluation, launch, pruning, quality, reporting, safety, scoring, trimming
+from moe_jax.data import pipeline, skills
+from moe_jax.data.tokenizer import ByteTokenizer
+from moe_jax.reporting import fmt
+from moe_jax.reproduction import results_page
+from moe_jax.safety import routes as R
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from moe_jax import evaluation, launch, pruning, quality, reporting, safety, scoring, trimming  # noqa: E402
-from moe_jax.data import pipeline, skills  # noqa: E402
-from moe_jax.data.tokenizer import ByteTokenizer  # noqa: E402
-from moe_jax.reporting import fmt  # noqa: E402
-from moe_jax.reproduction import book  # noqa: E402
-from moe_jax.safety import routes as R  # noqa: E402
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/router_audit.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where the report and resumable progress go.")
@@ -205,7 +202,7 @@ def main(argv: list[str]) -> None:
 
 def render(config, report) -> str:
     a = config.attacks
-    columns = book.quality_header(report["rows"].values())
+    columns = results_page.quality_header(report["rows"].values())
     lines = ["# Router safety audit", "",
              f"Safety-critical units: {report['critical']['dims']} dims (top {config.critical.dim_fraction:.0%} by "
              f"safety-domain Fisher) and experts {report['critical']['experts']} (top "
@@ -228,7 +225,7 @@ def render(config, report) -> str:
             f"{fmt(at['router_masking']['asr'])} | {fmt(at['expert_silencing']['asr'])} | "
             f"{r['reach']['activations']}{'' if transfer is None else f' ({transfer})'} | "
             f"{fmt(r['monitor']['tpr'])} / {fmt(r['monitor']['fpr'])} | {crit} | {r['routed_mib']:.2f} |" +
-            "".join(f" {c} |" for c in book.quality_cells(r, columns)))
+            "".join(f" {c} |" for c in results_page.quality_cells(r, columns)))
     first = next(iter(report["rows"].values()))
     q = first["attacks"]
     lines += ["", f"Budgets: route forcing {a.candidates} random top-k sets per (prompt token, layer), at most "

@@ -1,7 +1,7 @@
 """Benchmarks: routed-expert dispatch against a dense matmul (--mode=dispatch), or a whole
 Qwen1.5-MoE-A2.7B-shaped model compressed four ways (--mode=e2e).
 
-dispatch (experiments/bench_dispatch.py): for one MoE layer shape, routes random tokens once,
+dispatch (moe_jax/bench/dispatch.py): for one MoE layer shape, routes random tokens once,
 then times each dispatch path and a dense matmul with exactly the layer's useful FLOPs in the
 same run; prints tokens/s, useful FLOP/s and the ratio to the matmul. Paths whose estimated
 time exceeds --budget_s are reported as skipped rather than run.
@@ -9,7 +9,7 @@ time exceeds --budget_s are reported as skipped rather than run.
     python -m experiments.bench                  # from the repo root: both layers, float32, ~3 min
     python -m experiments.bench --layer=mixtral_small --impls=blocked --block_rows=128 --repeats=5
 
-e2e (experiments/bench_e2e.py): random bf16 weights, prefill/decode tokens/s, weight bytes and
+e2e (moe_jax/bench/e2e.py): random bf16 weights, prefill/decode tokens/s, weight bytes and
 device memory of unpruned / Fisher-MoE 50% (expert, global) / Pathfinder 50% / trimmed, the
 MoE layer's FLOP/s against a dense matmul, and Fisher scoring time for N x L tokens; writes
 WORKDIR/report.md and report.json. The size flags shrink the model for a CPU:
@@ -31,13 +31,12 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
+from moe_jax import reporting
+from moe_jax.bench import dispatch as bench_dispatch
+from moe_jax.bench import e2e as bench_e2e
+from moe_jax.model import moe
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from experiments import bench_dispatch, bench_e2e  # noqa: E402
-from moe_jax import reporting  # noqa: E402
-from moe_jax.model import moe  # noqa: E402
-
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "dispatch", ["dispatch", "e2e"], "One MoE layer's dispatch paths, or the whole model.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Weight dtype (default: float32 dispatch, bfloat16 e2e).")

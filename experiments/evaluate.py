@@ -12,15 +12,12 @@ results.md and expert_load.png. See configs/evaluate.py for the knobs.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from moe_jax import evaluation, launch  # noqa: E402
+from moe_jax import evaluation, launch
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/evaluate.py (or a variant).",

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,17 +39,15 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, synthetic, timing
+from moe_jax.config import ModelConfig
+from moe_jax.data import skills
+from moe_jax.model import transformer
+from moe_jax.reporting import fmt
+from moe_jax.reproduction import results_page
+from moe_jax.scoring.collect import _score_step, calibration_rows, micro_batches
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, synthetic, timing  # noqa: E402
-from moe_jax.config import ModelConfig  # noqa: E402
-from moe_jax.data import skills  # noqa: E402
-from moe_jax.model import transformer  # noqa: E402
-from moe_jax.reporting import fmt  # noqa: E402
-from moe_jax.reproduction import book  # noqa: E402
-from moe_jax.scoring.collect import _score_step, calibration_rows, micro_batches  # noqa: E402
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/fisher_moe_repro.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where the report, plots and resumable progress go.")
@@ -246,13 +243,13 @@ def main(argv: list[str]) -> None:
 def render_report(config, report, baseline, sweep, sensitivity, memory, speed, cost, ablation) -> str:
     domains = list(skills.DOMAINS)
     rows = [baseline, *sweep.values(), *sensitivity.values(), *ablation.values()]
-    skills_on, columns = "mean_em" in baseline, book.quality_header(rows)
+    skills_on, columns = "mean_em" in baseline, results_page.quality_header(rows)
     skill_head = [*domains, "mean EM", "kept", "refusal", "over-refusal"] if skills_on else []
     head = "| " + " | ".join(["run", *skill_head, *columns]) + " |"
     sep = "|---|" + "---:|" * (len(skill_head) + len(columns))
 
     def row(label, r):
-        cells = book.quality_cells(r, columns)
+        cells = results_page.quality_cells(r, columns)
         if skills_on:
             kept = r["mean_em"] / baseline["mean_em"] if baseline["mean_em"] else None
             cells = [*(fmt(r[d]["em"], 2) for d in domains), fmt(r["mean_em"]), fmt(kept, 2),

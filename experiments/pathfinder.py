@@ -29,7 +29,6 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -39,16 +38,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, synthetic, timing
+from moe_jax.config import ModelConfig
+from moe_jax.data import skills
+from moe_jax.reporting import fmt
+from moe_jax.reproduction import results_page
+from moe_jax.scoring import trajectory
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, synthetic, timing  # noqa: E402
-from moe_jax.config import ModelConfig  # noqa: E402
-from moe_jax.data import skills  # noqa: E402
-from moe_jax.reporting import fmt  # noqa: E402
-from moe_jax.reproduction import book  # noqa: E402
-from moe_jax.scoring import trajectory  # noqa: E402
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/pathfinder.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where the report, plots and resumable progress go.")
@@ -249,7 +246,7 @@ def main(argv: list[str]) -> None:
 
 def render(config, report, baseline, results) -> str:
     domains = list(skills.DOMAINS)
-    skills_on, columns = "mean_em" in baseline, book.quality_header([baseline, *results.values()])
+    skills_on, columns = "mean_em" in baseline, results_page.quality_header([baseline, *results.values()])
     skill_head = [*domains, "mean EM", "refusal", "over-refusal"] if skills_on else []
     head = "| " + " | ".join(["run", "experts/layer", *skill_head, *columns, "expert bytes"]) + " |"
     sep = "|---|---|" + "---:|" * (len(skill_head) + len(columns) + 1)
@@ -257,7 +254,7 @@ def render(config, report, baseline, results) -> str:
     def cells(r) -> list[str]:
         em = [*(fmt(r[d]["em"], 2) for d in domains), fmt(r["mean_em"]), fmt(r.get("refusal"), 2),
               fmt(r.get("over_refusal"), 2)] if skills_on else []
-        return [*em, *book.quality_cells(r, columns)]
+        return [*em, *results_page.quality_cells(r, columns)]
 
     prompts = (f"{config.n_per_domain} held-out prompts per domain" if skills_on else
                "skills exact match skipped (not the built-in byte tokenizer)")
@@ -273,11 +270,11 @@ def render(config, report, baseline, results) -> str:
         lines += ["", "## Single-expert removal (the oracle)", "",
                   f"Rise of the summed answer loss (nats) of the {config.calibration.n_per_domain}/domain calibration "
                   f"examples when one expert is removed ({report['removal_cost_seconds']:.0f} s).", ""]
-        lines += book.removal_cost_table(report["removal_cost"])
+        lines += results_page.removal_cost_table(report["removal_cost"])
     t = report["calibration_seconds"]
     lines += ["", "## Calibration cost", "", "| statistics | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]
-    lines += [""] + book.recon_cost_table(report["recon_cost"])
+    lines += [""] + results_page.recon_cost_table(report["recon_cost"])
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,10 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from moe_jax import evaluation, hf, launch, pruning, quality, reporting, scoring
+from moe_jax.config import ModelConfig
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from moe_jax import evaluation, hf, launch, pruning, quality, reporting, scoring  # noqa: E402
-from moe_jax.config import ModelConfig  # noqa: E402
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/prune.py (or a variant).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Model (WORKDIR/model), per-run results and the comparison table.")

@@ -36,13 +36,11 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from moe_jax import launch  # noqa: F401  (defines --mesh, passed on to a paper config's main job)
+from moe_jax.reporting import atomic_write
+from moe_jax.reproduction import paper, results_page, stages
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from moe_jax import launch  # noqa: E402,F401  (defines --mesh, passed on to a paper config's main job)
-from moe_jax.reporting import atomic_write  # noqa: E402
-from moe_jax.reproduction import book, paper, stages  # noqa: E402
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/reproduce.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Stage sub-workdirs, RESULTS.md, results.json and reproduce.log go here.")
@@ -92,7 +90,8 @@ def reproduce_paper(config, workdir: Path) -> None:
     ran = {paper.BASELINE, *(paper.run_of((None, *paper.parse_method(name), ratio))
                              for name, ratio in overrides.get("methods", config.methods))}
     table = paper.collect(workdir / "paper", config.paper, smoke=config.smoke, runs=ran)
-    table.update(stage=record, seconds=time.time() - t0, versions=book.versions(), machine=book.machine())
+    table.update(stage=record, seconds=time.time() - t0, versions=results_page.versions(),
+                 machine=results_page.machine())
     atomic_write(workdir / "results.json", json.dumps(table, indent=1, allow_nan=False))
     atomic_write(workdir / "RESULTS.md", paper.render(table))
     log(f"wrote {workdir / 'RESULTS.md'} and results.json ({time.time() - t0:.0f} s)")
@@ -147,10 +146,10 @@ def main(argv: list[str]) -> None:
         for name in config.stages:
             run(name, model, model_id)
 
-    results = book.collect(workdir, config, records, failures, stages.repo_relative(model, REPO), quick=config.quick,
-                           seconds=time.time() - t0)
+    results = results_page.collect(workdir, config, records, failures, stages.repo_relative(model, REPO),
+                                   quick=config.quick, seconds=time.time() - t0)
     atomic_write(workdir / "results.json", json.dumps(results, indent=1, allow_nan=False))
-    atomic_write(workdir / "RESULTS.md", book.render(results))
+    atomic_write(workdir / "RESULTS.md", results_page.render(results))
     log(f"wrote {workdir / 'RESULTS.md'} and results.json ({time.time() - t0:.0f} s)")
     if failures:
         for message in failures.values():

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from moe_jax import launch, train  # noqa: E402
+from moe_jax import launch, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file with get_config().", lock_config=True)

@@ -9,7 +9,6 @@ prefill and decode ms per token, tokens/s, and the ratio to top_k, all measured 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -18,11 +17,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from moe_jax import evaluation, launch, reporting, synthetic, telemetry, trimming
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from moe_jax import evaluation, launch, reporting, synthetic, telemetry, trimming  # noqa: E402
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/trim_latency.py[:preset].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where report.md and report.json go.")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -36,14 +35,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, telemetry, timing, trimming
+from moe_jax.data import pipeline, skills
+from moe_jax.reporting import fmt
+from moe_jax.reproduction import results_page
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, telemetry, timing, trimming  # noqa: E402
-from moe_jax.data import pipeline, skills  # noqa: E402
-from moe_jax.reporting import fmt  # noqa: E402
-from moe_jax.reproduction import book  # noqa: E402
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/trimming.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where the report, plots, policies and resumable progress go.")
@@ -235,7 +232,7 @@ def render(config, report, tel) -> str:
     domains = list(skills.DOMAINS)
     results = report["results"]
     skills_on = any("mean_em" in r for r in results.values())
-    columns = book.quality_header([*results.values(), *report["sweep"]])
+    columns = results_page.quality_header([*results.values(), *report["sweep"]])
     skill_head = [*domains, "mean EM", "refusal", "over-refusal"] if skills_on else []
     lat = config.latency
     prompts = (f"{config.n_per_domain} held-out prompts per domain" if skills_on else
@@ -258,7 +255,7 @@ def render(config, report, tel) -> str:
     def scores(r) -> list[str]:
         em = [*(fmt(r[d]["em"], 2) for d in domains), fmt(r["mean_em"]), fmt(r.get("refusal"), 2),
               fmt(r.get("over_refusal"), 2)] if skills_on else []
-        return [*em, *book.quality_cells(r, columns)]
+        return [*em, *results_page.quality_cells(r, columns)]
 
     for label, r in results.items():
         lines.append("| " + " | ".join([
@@ -280,7 +277,7 @@ def render(config, report, tel) -> str:
     for s in report["sweep"]:
         em = [*(fmt(s[d]["em"], 2) for d in domains), fmt(s["mean_em"])] if skills_on else []
         lines.append("| " + " | ".join([f"{s['tau']:g}", f"{s['active_fraction']:.3f}", *em,
-                                        *book.quality_cells(s, columns)]) + " |")
+                                        *results_page.quality_cells(s, columns)]) + " |")
     for name, t in tel.items():
         s = t["summary"]
         lines += ["", f"## Telemetry: {name}", "",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import bench_e2e
+from moe_jax.bench import e2e as bench_e2e
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--num_layers=1", "--hidden_size=32", "--num_heads=4", "--num_experts=8", "--expert_width=16",

@@ -49,7 +49,7 @@ class Stage:
 
 # The stages `experiments/reproduce.py` knows, in the order they run. A new experiment (e.g.
 # another bench mode) is one more entry here plus its overrides in configs/reproduce.py and,
-# for RESULTS.md, a section in moe_jax/reproduction/book.py.
+# for RESULTS.md, a section in moe_jax/reproduction/results_page.py.
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("train", "experiments/train.py", "configs/skills_tiny.py", ("model/config.json", "model/model.safetensors"),
           uses_model=False),

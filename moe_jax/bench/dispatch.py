@@ -1,4 +1,4 @@
-"""Routed-expert dispatch timing against a dense matmul of the same FLOPs (no flags: `bench.py` drives it).
+"""Routed-expert dispatch timing against a dense matmul of the same FLOPs (no flags: `experiments/bench.py` drives it).
 
 `measure_layer` routes random tokens once, then times each dispatch path of `moe_jax.model.moe`
 and one dense (T*K, D) @ (D, 3F) matmul with exactly the layer's useful FLOPs (2*T*K*D*F*3),

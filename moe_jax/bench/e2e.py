@@ -1,4 +1,5 @@
-"""End-to-end benchmark of a Qwen1.5-MoE-A2.7B-shaped random model, compressed four ways (no flags: `bench.py`).
+"""End-to-end benchmark of a Qwen1.5-MoE-A2.7B-shaped random model, compressed four ways (no flags:
+`experiments/bench.py` drives it).
 
 In one run, side by side: prefill and decode tokens/s (`telemetry.active_token_latency`), weight
 bytes and device memory of the unpruned model, Fisher-MoE 50% (expert and global scopes),
@@ -21,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import bench_dispatch
 from moe_jax import evaluation, pruning, scoring, synthetic, telemetry, timing, trimming
+from moe_jax.bench import dispatch as bench_dispatch
 from moe_jax.config import ModelConfig
 from moe_jax.model import decode
 from moe_jax.reporting import fmt
