@@ -33,7 +33,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe_jax import evaluation, launch, pruning, quality, reporting, safety, scoring, trimming
+from moe_jax import evaluation, footprint, launch, pruning, quality, reporting, safety, scoring, trimming
 from moe_jax.data import pipeline, skills
 from moe_jax.data.tokenizer import ByteTokenizer
 from moe_jax.reporting import fmt
@@ -133,7 +133,7 @@ def evaluate_row(config, key, model, tok, examples, clean_rows, monitor_rows, ta
     attacked_rows = R.layout([pipeline.prompt_ids(ex, tok) for ex in attacked], None, tok.pad_id)
     out["monitor"] = safety.detection_rates(monitor, cfg, params, attacked_rows,
                                             R.force_masks(cfg, attacked_rows, forced.routes, masks), clean_rows, masks)
-    out["routed_mib"] = evaluation.model_size(cfg, params)["bytes"] / 2**20
+    out["routed_mib"] = footprint.model_size(cfg, params)["bytes"] / 2**20
     if measure.enabled:
         out["quality"] = measure(cfg, params, masks)
     out["seconds"] = time.perf_counter() - t0

@@ -39,7 +39,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, synthetic, timing
+from moe_jax import evaluation, footprint, launch, pruning, quality, reporting, scoring, synthetic, timing
 from moe_jax.config import ModelConfig
 from moe_jax.data import skills
 from moe_jax.model import transformer
@@ -116,14 +116,14 @@ def heavy_model(config, fractions: dict[int, list[float]]):
 def throughputs(cfg, params, plans, config, sizes: dict | None = None) -> dict[str, Any]:
     """Tokens/s unpruned and compacted by each plan; `sizes` (a dict) also gets each compacted
     model's `model_size`, so that the memory table needs no second compaction."""
-    run = lambda c, p: evaluation.throughput(c, p, batch_size=config.throughput_batch,  # noqa: E731
+    run = lambda c, p: footprint.throughput(c, p, batch_size=config.throughput_batch,  # noqa: E731
                                              prompt_len=config.prompt_len, repeats=config.repeats,
                                              new_tokens=config.new_tokens)
     out = {"unpruned": run(cfg, params)}
     for label, plan in plans.items():
         c2, p2 = pruning.apply(cfg, params, plan)
         if sizes is not None:
-            sizes[label] = evaluation.model_size(c2, p2)
+            sizes[label] = footprint.model_size(c2, p2)
         out[label] = run(c2, p2)
         del p2  # one compacted model alive at a time
     return out
@@ -132,7 +132,7 @@ def throughputs(cfg, params, plans, config, sizes: dict | None = None) -> dict[s
 def memory_table(cfg: ModelConfig, params, sizes: dict[str, dict]) -> dict[str, Any]:
     """Bytes before/after for this model (`sizes`: model_size of each compacted model), and
     Qwen1.5-MoE-A2.7B at 50% by shapes."""
-    out = {"this_model": {"unpruned": evaluation.model_size(cfg, params), **sizes}}
+    out = {"this_model": {"unpruned": footprint.model_size(cfg, params), **sizes}}
     q = synthetic.qwen15_moe_config()
     half = q
     for layer in q.moe_layers:
@@ -200,14 +200,14 @@ def main(argv: list[str]) -> None:
     if config.throughput_this_model:
         speed["this model"] = throughputs(cfg, params, half, config, sizes)
     else:
-        sizes = {label: evaluation.model_size(*pruning.apply(cfg, params, plan)) for label, plan in half.items()}
+        sizes = {label: footprint.model_size(*pruning.apply(cfg, params, plan)) for label, plan in half.items()}
     memory = memory_table(cfg, params, sizes)
     if config.heavy.enabled:
         plan = half["global@0.5"]
         fractions = {lyr: [len(plan.dims[lyr][e]) / w for e, w in enumerate(plan.source_widths[lyr])]
                      for lyr in plan.experts}
         hcfg, hparams, hplans = heavy_model(config, fractions)
-        speed[f"expert-heavy model ({evaluation.model_size(hcfg, hparams)['total']:,} params)"] = throughputs(
+        speed[f"expert-heavy model ({footprint.model_size(hcfg, hparams)['total']:,} params)"] = throughputs(
             hcfg, hparams, hplans, config)
         del hparams
     ablation = {}

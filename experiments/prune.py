@@ -25,7 +25,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe_jax import evaluation, hf, launch, pruning, quality, reporting, scoring
+from moe_jax import evaluation, footprint, hf, launch, pruning, quality, reporting, scoring
 from moe_jax.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def main(argv: list[str]) -> None:
     except (FileNotFoundError, ValueError) as err:  # train.TrainError and harness.HarnessError are ValueErrors
         raise app.UsageError(str(err)) from None
     params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
-    print(f"Model: {path} ({cfg.model_type}, {evaluation.model_size(cfg, params)['total']:,} params)")
+    print(f"Model: {path} ({cfg.model_type}, {footprint.model_size(cfg, params)['total']:,} params)")
     runs = [("baseline", evaluate_run("baseline", cfg, params, tokenizer, settings, workdir, lm_eval))]
     if not methods:
         note = ("No pruning methods configured (config.methods is empty): only the baseline was evaluated. "

@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe_jax import evaluation, launch, reporting, synthetic, telemetry, trimming
+from moe_jax import footprint, launch, reporting, synthetic, telemetry, trimming
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
         num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_heads, num_experts=c.num_experts,
         top_k=c.top_k, expert_width=c.width, shared_width=c.shared_width, vocab_size=c.vocab_size,
         max_position_embeddings=c.prompt_len + c.new_tokens)
-    size = evaluation.model_size(cfg, params)
+    size = footprint.model_size(cfg, params)
     K = cfg.num_experts_per_tok
     rows = {K: None}
     for m in range(K - 1, 0, -1):

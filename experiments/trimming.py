@@ -35,7 +35,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, telemetry, timing, trimming
+from moe_jax import evaluation, footprint, launch, pruning, quality, reporting, scoring, telemetry, timing, trimming
 from moe_jax.data import pipeline, skills
 from moe_jax.reporting import fmt
 from moe_jax.reproduction import results_page
@@ -164,7 +164,7 @@ def main(argv: list[str]) -> None:
         mcfg, mparams = models[model_key]
         got = scored(runs, label, mcfg, mparams, tok, examples, masks, config, measure, skills_on)
         stats = trimming.measure(mcfg, mparams, held_rows, masks)
-        size = evaluation.model_size(mcfg, mparams)
+        size = footprint.model_size(mcfg, mparams)
         if standard_routed is None and model_key == "standard" and masks is None:
             standard_routed = stats.active_params_per_token
         results[label] = {**got, "active_routed_params": stats.active_params_per_token,

@@ -28,7 +28,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax import evaluation, reporting
+from moe_jax import evaluation, footprint, reporting
 from moe_jax.checkpoint import summary_writer_class
 from moe_jax.config import ModelConfig
 from moe_jax.model import transformer
@@ -214,8 +214,8 @@ def active_token_latency(cfg: ModelConfig, params, *, masks: Mapping[str, Any] |
                          prompts=None) -> dict[str, Any]:
     """Active Token Latency: wall seconds per token in prefill (per prompt token of the batch) and
     in decode (per generated token of a sequence, i.e. per decode step), tokens/s, peak memory.
-    Same protocol as `evaluation.throughput` (medians after a compiling warm-up)."""
-    t = evaluation.throughput(cfg, params, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens,
+    Same protocol as `footprint.throughput` (medians after a compiling warm-up)."""
+    t = footprint.throughput(cfg, params, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens,
                               repeats=repeats, seed=seed, masks=masks, prompts=prompts)
     prefill_s = batch_size * prompt_len / t["prefill_tokens_per_s"]
     decode_s = batch_size * (new_tokens - 1) / t["decode_tokens_per_s"] if t["decode_tokens_per_s"] else None

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from moe_jax import evaluation
+from moe_jax import evaluation, footprint
 from moe_jax.config import ModelConfig
 from moe_jax.data import pipeline
 from moe_jax.data.skills import REFUSAL, Example
@@ -240,19 +240,19 @@ def test_model_size_matches_a_manual_count(tok):
     attn = D * H * hd + 2 * D * KV * hd + H * hd * D
     routed = {layer: 3 * D * sum(w) for layer, w in widths.items()}
     total = V * D + D + D * V + sum(2 * D + attn + D * len(w) + routed[layer] for layer, w in widths.items())
-    size = evaluation.model_size(cfg, params)
+    size = footprint.model_size(cfg, params)
     assert size["total"] == total
     assert size["routed_experts"] == sum(routed.values())
     active = total - sum(routed.values()) + 2 / 4 * routed[0] + 2 / 3 * routed[1]  # K/E of each layer
     assert size["active_per_token"] == round(active)
     assert size["stored"] == total + 3 * D * 4 and size["bytes"] == 4 * size["stored"]
     with pytest.raises(ValueError, match="params and config disagree"):
-        evaluation.model_size(cfg.with_layer_experts(1, [8, 8, 8, 8]), params)
+        footprint.model_size(cfg.with_layer_experts(1, [8, 8, 8, 8]), params)
 
 
 def test_throughput_reports_rates_and_memory(tok, model):
     cfg, params = model
-    speed = evaluation.throughput(cfg, params, batch_size=2, prompt_len=8, new_tokens=3, repeats=1)
+    speed = footprint.throughput(cfg, params, batch_size=2, prompt_len=8, new_tokens=3, repeats=1)
     assert speed["prefill_tokens_per_s"] > 0
     assert speed["decode_tokens_per_s"] is None or speed["decode_tokens_per_s"] > 0
     assert speed["memory"]["peak_bytes"] > 0 and speed["memory"]["source"]

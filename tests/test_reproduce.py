@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from moe_jax import evaluation, hf, pruning
+from moe_jax import evaluation, footprint, hf, pruning
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "checkpoints" / "skills_tiny"
@@ -163,8 +163,8 @@ def test_prune_stage_exports_fisher_and_pathfinder(run):
     assert abs(plan.dims_removed_fraction() - 0.5) < 0.01
     cfg, params = hf.load_pretrained(d / "pruned" / "fisher-global@0.5", dtype="float32")
     base_cfg, base_params = evaluation.load_model(MODEL)
-    assert evaluation.model_size(cfg, params)["routed_experts"] * 2 == pytest.approx(
-        evaluation.model_size(base_cfg, base_params)["routed_experts"], rel=0.01)
+    assert footprint.model_size(cfg, params)["routed_experts"] * 2 == pytest.approx(
+        footprint.model_size(base_cfg, base_params)["routed_experts"], rel=0.01)
     assert (d / "pruned" / "fisher-global@0.5" / "tokenizer.json").exists()
     # The expert-scope export is stock: one moe_intermediate_size, half the original.
     hf_cfg = json.loads((d / "pruned" / "fisher-expert@0.5" / "config.json").read_text())

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax import evaluation, pruning, scoring, synthetic, telemetry, timing, trimming
+from moe_jax import footprint, pruning, scoring, synthetic, telemetry, timing, trimming
 from moe_jax.bench import dispatch as bench_dispatch
 from moe_jax.config import ModelConfig
 from moe_jax.model import decode
@@ -120,7 +120,7 @@ def _speed(cfg: ModelConfig, params, s: E2ESettings, masks=None) -> dict:
 
 
 def _variant_row(label: str, cfg: ModelConfig, params, s: E2ESettings, masks=None, active_fraction=None) -> dict:
-    size = evaluation.model_size(cfg, params)
+    size = footprint.model_size(cfg, params)
     speed = _speed(cfg, params, s, masks)
     routed_active = size["active_per_token"] - size["non_expert"]
     return {"variant": label, "weight_bytes": size["bytes"], "params": size["total"],
@@ -156,7 +156,7 @@ def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg = synthetic.qwen15_moe_config(**s.sizes())
     params, init_s = _seconds(lambda: synthetic.random_params(cfg, s.seed, s.dtype, s.router_scale))
-    log(f"model: {cfg.num_layers} layers, {evaluation.model_size(cfg, params)['total']:,} params ({init_s:.1f} s)")
+    log(f"model: {cfg.num_layers} layers, {footprint.model_size(cfg, params)['total']:,} params ({init_s:.1f} s)")
 
     fisher, score_s = _score(cfg, params, s, log)
     traj_batches = _token_batches(np.random.default_rng(s.seed + 1), cfg, s.traj_sequences, s.calib_len,
