@@ -17,7 +17,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe_jax import evaluation, launch
+from moe_jax import evaluation, launch, reporting
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to configs/evaluate.py (or a variant).",
@@ -48,8 +48,8 @@ def main(argv: list[str]) -> None:
     params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
     print(f"Evaluating {path} ({cfg.model_type}, {type(tokenizer).__name__})")
     results = {"model_path": str(path), **evaluation.evaluate(cfg, params, tokenizer, settings)}
-    print(evaluation.format_table(results))
-    paths = evaluation.write_results(results, workdir)
+    print(reporting.format_table(results))
+    paths = reporting.write_results(results, workdir)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -224,9 +224,9 @@ def main(argv: list[str]) -> None:
               "sensitivity": {f"top{k}/{r}": v for (r, k), v in sensitivity.items()},
               "memory": memory, "throughput": speed, "seconds": time.perf_counter() - t_start,
               "answer_only_ablation": {f"{r:g}": v for r, v in ablation.items()}}
-    evaluation.atomic_write(workdir / "report.json", json.dumps(evaluation._jsonable(report), indent=1))
+    reporting.atomic_write(workdir / "report.json", json.dumps(reporting.jsonable(report), indent=1))
     text = render_report(config, report, baseline, sweep, sensitivity, memory, speed, cost, ablation)
-    evaluation.atomic_write(workdir / "report.md", text)
+    reporting.atomic_write(workdir / "report.md", text)
     domains = [d for d in skills.DOMAINS]
     if sweep and skills_on:  # the plots show exact match
         panels = {f"{scope} scope": {m: (list(config.ratios), [sweep[(m, scope, r)]["mean_em"] for r in config.ratios])

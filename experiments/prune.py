@@ -136,8 +136,8 @@ def evaluate_run(label: str, cfg: ModelConfig, params: Params, tokenizer, settin
     results = {"run": label, **evaluation.evaluate(cfg, params, tokenizer, settings)}
     if lm_eval is not None:
         results["lm_eval"] = lm_eval(cfg, params)
-    print(f"\n## {label}\n\n{evaluation.format_table(results)}")
-    evaluation.write_results(results, workdir / "eval" / label.replace("@", "_"))
+    print(f"\n## {label}\n\n{reporting.format_table(results)}")
+    reporting.write_results(results, workdir / "eval" / label.replace("@", "_"))
     return results
 
 
@@ -182,19 +182,19 @@ def main(argv: list[str]) -> None:
                      if (path / name).is_file()]
             hf.save_pretrained(pruned_cfg, pruned_params, out, overwrite=True, extra_files=extra)
         runs.append((label, evaluate_run(label, pruned_cfg, pruned_params, tokenizer, settings, workdir, lm_eval)))
-    table = evaluation.comparison_table(runs)
+    table = reporting.comparison_table(runs)
     print(f"\n## Before / after pruning\n\n{table}")
     text = f"# Before / after pruning\n\nModel: {path}\n\n{table}\n"
     if not methods:
         text += f"\n{note}\n"
-    if not any(r.get("exact_match") or r.get("lm_eval") or evaluation.TEXT_DOMAIN in r.get("perplexity", {})
+    if not any(r.get("exact_match") or r.get("lm_eval") or reporting.TEXT_DOMAIN in r.get("perplexity", {})
                for _, r in runs):
         blind = ("No quality column: skills exact match needs the built-in byte tokenizer. Set "
                  "--config.eval.data=<held-out text, any load_texts spec> for perplexity and/or "
                  "--config.lm_eval.tasks=\"('arc_easy',)\" for lm-eval scores.")
         print(f"\n{blind}")
         text += f"\n{blind}\n"
-    evaluation.atomic_write(workdir / "comparison.md", text)
+    reporting.atomic_write(workdir / "comparison.md", text)
     print(f"\nwrote {workdir / 'comparison.md'} and {workdir / 'eval'}/")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -21,10 +20,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from moe_jax.reporting import atomic_write
+
 
 class TrainError(ValueError):
     """A config value, workdir or checkpoint the trainer cannot use; the message names it."""
-
 
 
 @flax.struct.dataclass
@@ -41,28 +41,13 @@ class TrainState:
 
 
 # ============================================================================== files
-def _check_workdir(workdir: Path) -> None:
+def check_workdir(workdir: Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-") as probe:
             probe.write(b"ok")
     except OSError as err:
         raise TrainError(f"workdir {str(workdir)!r} is not a writable directory: {err}") from err
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path` and rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def summary_writer_class():
@@ -94,7 +79,7 @@ class MetricsLog:
         self.path = workdir / "metrics.jsonl"
         if self.path.exists():  # drop records past the checkpoint we resume from: they are redone
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
-            _write_atomic(self.path, "".join(line + "\n" for line in kept))
+            atomic_write(self.path, "".join(line + "\n" for line in kept))
         purge = resume_step + 1 if resume_step else None
         self.tb = summary_writer_class()(str(workdir / "tb"), purge_step=purge)
 

@@ -32,12 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax import footprint
+from moe_jax import footprint, hf
 from moe_jax.config import ModelConfig
 from moe_jax.data import pipeline, skills
 from moe_jax.data.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from moe_jax.model import decode, transformer
-from moe_jax.reporting import TEXT_DOMAIN
+from moe_jax.reporting import TEXT_DOMAIN, ResumableRuns
 
 log = logging.getLogger(__name__)
 
@@ -399,8 +399,6 @@ class MaskedStudy:
 
     def __init__(self, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, examples: Sequence[skills.Example],
                  batch_size: int, progress_path: str | os.PathLike, fingerprint: Mapping[str, Any]):
-        from moe_jax.reporting import ResumableRuns
-
         self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
         self.examples, self.batch_size = list(examples), batch_size
         self.runs = ResumableRuns(Path(progress_path), dict(fingerprint))
@@ -417,8 +415,6 @@ class MaskedStudy:
 # ============================================================================ loading
 def load_model(path: str | os.PathLike, dtype: Any = "float32") -> tuple[ModelConfig, Params]:
     """(cfg, params) of a Hugging Face checkpoint directory, with a clear error if there is none."""
-    from moe_jax import hf
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no Hugging Face checkpoint at {str(path)!r} (config.json missing)")
@@ -446,15 +442,3 @@ def load_eval_tokenizer(spec: str, model_dir: str | os.PathLike | None, cfg: Mod
         return ByteTokenizer()
     raise FileNotFoundError(f"{directory}: no tokenizer.json and a {cfg.vocab_size}-id vocabulary; "
                             "pass tokenizer=<path to tokenizer.json>")
-
-
-# Tables and files live in moe_jax.reporting; these names stay importable from here.
-from moe_jax.reporting import (  # noqa: E402, F401
-    _jsonable,
-    atomic_write,
-    comparison_table,
-    format_table,
-    plot_expert_load,
-    render_expert_load,
-    write_results,
-)

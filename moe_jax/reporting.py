@@ -103,14 +103,14 @@ def comparison_table(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Plain JSON types; NaN/inf become null (JSON has no spelling for them)."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -159,7 +159,7 @@ def write_results(results: Mapping[str, Any], workdir: str | os.PathLike) -> dic
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OSError(f"cannot create the results directory {str(workdir)!r}: {err.strerror or err}") from err
-    as_json = json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n"
+    as_json = json.dumps(jsonable(results), indent=2, allow_nan=False) + "\n"
     source = f"Model: {results['model_path']}\n\n" if results.get("model_path") else ""
     as_markdown = f"# Evaluation results\n\n{source}{format_table(results)}\n"
     png = render_expert_load(results["expert_load"]) if results.get("expert_load") else None
@@ -216,7 +216,7 @@ class ResumableRuns:
     study started again with the same fingerprint skips what it has."""
 
     def __init__(self, path: Path, fingerprint: dict):
-        fingerprint = json.loads(json.dumps(_jsonable(fingerprint)))  # tuples -> lists, as read back
+        fingerprint = json.loads(json.dumps(jsonable(fingerprint)))  # tuples -> lists, as read back
         self.path, self.data = path, {"fingerprint": fingerprint, "runs": {}}
         if path.exists():
             old = json.loads(path.read_text())
@@ -230,7 +230,7 @@ class ResumableRuns:
 
     def put(self, key: str, value) -> None:
         self.data["runs"][key] = value
-        atomic_write(self.path, json.dumps(_jsonable(self.data)))
+        atomic_write(self.path, json.dumps(jsonable(self.data)))
 
 
 def plot_lines(path: Path, panels: dict[str, dict[str, tuple[list, list]]], xlabel: str, logx: bool,

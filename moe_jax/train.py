@@ -33,12 +33,11 @@ import ml_collections
 import numpy as np
 
 from moe_jax import evaluation, hf, model
-from moe_jax.checkpoint import (  # noqa: F401  (re-exported: the trainer's public surface)
+from moe_jax.checkpoint import (
     MetricsLog,
     TrainError,
     TrainState,
-    _check_workdir,
-    _write_atomic,
+    check_workdir,
     checkpoint_manager,
     param_shapes,
     restore_checkpoint,
@@ -47,7 +46,8 @@ from moe_jax.checkpoint import (  # noqa: F401  (re-exported: the trainer's publ
 from moe_jax.config import ModelConfig
 from moe_jax.data import skills
 from moe_jax.data.tokenizer import ByteTokenizer, Tokenizer
-from moe_jax.data.training_rows import SkillsData, batch_at, batch_indices, data_fingerprint, data_position, load_skills  # noqa: F401  (re-exported)
+from moe_jax.data.training_rows import SkillsData, batch_at, data_fingerprint, data_position, load_skills
+from moe_jax.reporting import atomic_write
 from moe_jax.training_step import init_state, make_eval_step, make_train_step, sharded_train_step
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mesh=No
     """
     validate_config(config)
     workdir = Path(workdir)
-    _check_workdir(workdir)
+    check_workdir(workdir)
     run_start = time.perf_counter()
     cfg = model_config(config)
     tokenizer = ByteTokenizer()
@@ -348,7 +348,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mesh=No
         "config": json.loads(config.to_json()),
     }
     summary_file = workdir / "train_summary.json"
-    _write_atomic(summary_file, json.dumps(summary, indent=2) + "\n")
+    atomic_write(summary_file, json.dumps(summary, indent=2) + "\n")
     for out_dir in [workdir / "model"] + ([Path(config.export_dir)] if config.export_dir else []):
         _export(cfg, state.params, tokenizer, summary_file, out_dir)
     return summary

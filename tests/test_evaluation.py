@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from moe_jax import evaluation, footprint
+from moe_jax import evaluation, footprint, reporting
 from moe_jax.config import ModelConfig
 from moe_jax.data import pipeline
 from moe_jax.data.skills import REFUSAL, Example
@@ -226,7 +226,7 @@ def test_expert_load_heatmap_is_a_png(tok, model, tmp_path):
     cfg, params = model
     tokens = np.arange(24).reshape(3, 8) % tok.vocab_size
     load = evaluation.expert_load(cfg, params, {"a": [tokens], "b": [tokens[::-1]]})
-    path = evaluation.plot_expert_load(load, tmp_path / "load.png")
+    path = reporting.plot_expert_load(load, tmp_path / "load.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -270,7 +270,7 @@ def test_evaluate_and_write_results_on_a_byte_model(tmp_path):
     assert set(results["exact_match"]) == {"arithmetic", "safety"} and len(results["predictions"]) == 6
     assert set(results["perplexity"]) == {"arithmetic", "safety"}
     assert results["perplexity"]["arithmetic"]["full"] == pytest.approx(259, rel=0.1)  # near-uniform init
-    paths = evaluation.write_results(results, tmp_path / "out")
+    paths = reporting.write_results(results, tmp_path / "out")
     assert json.loads(paths["json"].read_text())["exact_match"] == results["exact_match"]
     table = paths["markdown"].read_text()
     assert "| arithmetic | 3 |" in table and "| safety | 3 |" in table
@@ -279,7 +279,7 @@ def test_evaluate_and_write_results_on_a_byte_model(tmp_path):
 
 
 def test_results_files_are_replaced_atomically(tmp_path, monkeypatch):
-    evaluation.write_results({"model": {}, "note": "first"}, tmp_path)
+    reporting.write_results({"model": {}, "note": "first"}, tmp_path)
     before = (tmp_path / "results.json").read_text()
 
     def broken_fsync(fd):
@@ -287,13 +287,13 @@ def test_results_files_are_replaced_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
-        evaluation.write_results({"model": {}, "note": "second"}, tmp_path)
+        reporting.write_results({"model": {}, "note": "second"}, tmp_path)
     assert (tmp_path / "results.json").read_text() == before
     assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]  # no temp file left behind
     monkeypatch.undo()
     # A result that cannot be rendered writes nothing at all.
     with pytest.raises(Exception):  # noqa: B017
-        evaluation.write_results({"expert_load": {"a": {"fraction": None}}}, tmp_path)
+        reporting.write_results({"expert_load": {"a": {"fraction": None}}}, tmp_path)
     assert (tmp_path / "results.json").read_text() == before
 
 
@@ -315,6 +315,6 @@ def test_bad_inputs_raise_clear_errors(tok, model, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(OSError, match="cannot create the results directory"):
-        evaluation.write_results({}, blocker / "results")
+        reporting.write_results({}, blocker / "results")
     with pytest.raises(TypeError, match="must be a mapping"):
-        evaluation.write_results([1, 2], tmp_path)
+        reporting.write_results([1, 2], tmp_path)

@@ -19,7 +19,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from moe_jax import hf, train, training_step
-from moe_jax.data import pipeline, skills
+from moe_jax.data import pipeline, skills, training_rows
 from moe_jax.data.tokenizer import ByteTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,10 +97,10 @@ def test_router_z_loss_matches_hand_computation():
 def test_batches_are_addressed_by_step_in_pipeline_order():
     rows = {"tokens": np.arange(23 * 2).reshape(23, 2)}
     expected = list(pipeline.batches(rows, 5, seed=7, epochs=3))
-    got = [train.batch_at(rows, step, 5, seed=7) for step in range(len(expected))]
+    got = [training_rows.batch_at(rows, step, 5, seed=7) for step in range(len(expected))]
     for e, g in zip(expected, got):
         np.testing.assert_array_equal(e["tokens"], g["tokens"])
-    assert train.data_position(9, 23, 5) == (2, 1)  # 4 full batches per epoch
+    assert training_rows.data_position(9, 23, 5) == (2, 1)  # 4 full batches per epoch
 
 
 def test_skills_accuracy_reports_exact_match_and_refusal_rates(monkeypatch):
@@ -133,7 +133,7 @@ def test_smoke_training_lowers_held_out_loss(trained):
     workdir, summary = trained
     config = tiny_train_config()
     cfg = train.model_config(config)
-    data = train.load_skills(config, ByteTokenizer())
+    data = training_rows.load_skills(config, ByteTokenizer())
     initial = training_step.init_state(cfg, config)
     eval_fn = training_step.make_eval_step(cfg, config.impl)
     before = train.evaluate_loss(eval_fn, initial.params, data, config.batch_size)["eval_ce"]

@@ -19,19 +19,19 @@ import re
 from pathlib import Path
 from typing import Any
 
+import flax
+import jax
+import jaxlib
+
+import moe_jax
 from moe_jax.quality import PPL_COLUMN
-from moe_jax.reporting import _jsonable, fmt
+from moe_jax.reporting import fmt, jsonable
 
 DOMAINS = ("arithmetic", "facts", "code", "language", "safety")
 REPORT_STAGES = ("fisher_moe", "pathfinder", "trimming", "trim_latency", "audit")
 
 
 def versions() -> dict[str, str]:
-    import flax
-    import jax
-    import jaxlib
-
-    import moe_jax
     return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "flax": flax.__version__, "moe_jax": moe_jax.__version__}
 
@@ -88,7 +88,7 @@ def collect(workdir: Path, config, records: dict, failures: dict, model: str, *,
             out[name] = _prune_results(stage_dir)
         elif name.startswith("bench"):
             out[name] = {"tables": parse_tables((stage_dir / "bench.md").read_text())}
-    return _jsonable(out)
+    return jsonable(out)
 
 
 # ============================================================================ rendering
