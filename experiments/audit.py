@@ -195,7 +195,7 @@ def main(argv: list[str]) -> None:
     report = {"config": config.to_dict(), "rows": results, "target": {str(k): v for k, v in target.items()},
               "critical": {"dims": critical.n_dims, "experts": critical.keep_experts()},
               "seconds": time.perf_counter() - t_start}
-    reporting.atomic_write(workdir / "report.json", json.dumps(reporting._jsonable(report), indent=1))
+    reporting.atomic_write(workdir / "report.json", json.dumps(reporting.jsonable(report), indent=1))
     reporting.atomic_write(workdir / "report.md", render(config, report))
     print(render(config, report))
 

@@ -238,7 +238,7 @@ def main(argv: list[str]) -> None:
               "removal_cost": oracle, "removal_cost_seconds": oracle_s,
               "results": {f"{m}/{a}/{r:g}": v for (m, a, r), v in results.items()},
               "seconds": time.perf_counter() - t_start}
-    reporting.atomic_write(workdir / "report.json", json.dumps(reporting._jsonable(report), indent=1))
+    reporting.atomic_write(workdir / "report.json", json.dumps(reporting.jsonable(report), indent=1))
     text = render(config, report, baseline, results)
     reporting.atomic_write(workdir / "report.md", text)
     print(text)

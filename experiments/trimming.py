@@ -222,7 +222,7 @@ def main(argv: list[str]) -> None:
               "calibration": calibrations,
               "results": results, "sweep": sweep, "telemetry": {k: v["summary"] for k, v in tel.items()},
               "seconds": time.perf_counter() - t_start}
-    reporting.atomic_write(workdir / "report.json", json.dumps(reporting._jsonable(report), indent=1))
+    reporting.atomic_write(workdir / "report.json", json.dumps(reporting.jsonable(report), indent=1))
     text = render(config, report, tel)
     reporting.atomic_write(workdir / "report.md", text)
     print(text)
