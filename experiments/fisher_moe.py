@@ -156,10 +156,7 @@ def main(argv: list[str]) -> None:
     try:
         for r in config.ratios:
             pruning.check_ratio(r)
-        cfg, params = evaluation.load_model(path, "float32")
-        tokenizer = evaluation.load_eval_tokenizer("auto", path, cfg)
-        measure = quality.Quality.from_config(config, path, cfg, tokenizer, config.seed)
-        skills_on = measure.skills_apply(tokenizer)
+        cfg, params, tokenizer, measure, skills_on = quality.load_compared(config, path, config.seed)
     except (FileNotFoundError, ValueError) as err:  # harness.HarnessError is a ValueError
         raise app.UsageError(str(err)) from None
     params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded

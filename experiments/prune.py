@@ -170,7 +170,7 @@ def main(argv: list[str]) -> None:
         label = reporting.run_label(method, scope, ratio)
         plan = pruning.select(cfg, scores, method, scope, ratio, min_dims_per_expert=config.min_dims_per_expert,
                               drop_empty_experts=config.drop_empty_experts, params=params, seed=config.calibration.seed,
-                              width_multiple=1 if method in pruning.EXPERT_METHODS else config.width_multiple)
+                              width_multiple=config.width_multiple)
         plan.save(workdir / "plans" / f"{label}.json")
         print(f"\n{plan.summary()}")
         pruned_cfg, pruned_params = pruning.apply(cfg, params, plan)

@@ -87,9 +87,8 @@ def reproduce_paper(config, workdir: Path) -> None:
     t0 = time.time()
     env = stages.subprocess_env(REPO, workdir / ".jax_cache")
     record = stages.run_stage(stage, REPO, workdir / "paper", overrides, model, stages.model_digest(model), env, log)
-    ran = {paper.BASELINE, *(paper.run_of((None, *paper.parse_method(name), ratio))
-                             for name, ratio in overrides.get("methods", config.methods))}
-    table = paper.collect(workdir / "paper", config.paper, smoke=config.smoke, runs=ran)
+    table = paper.collect(workdir / "paper", config.paper, smoke=config.smoke,
+                          runs=paper.runs_of(overrides.get("methods", config.methods), config.scope))
     table.update(stage=record, seconds=time.time() - t0, versions=results_page.versions(),
                  machine=results_page.machine())
     atomic_write(workdir / "results.json", json.dumps(table, indent=1, allow_nan=False))

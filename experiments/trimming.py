@@ -104,10 +104,7 @@ def main(argv: list[str]) -> None:
     t_start = time.perf_counter()
     path = Path(config.model_path).expanduser() if config.model_path else REPO / config.checkpoint
     try:
-        cfg, params = evaluation.load_model(path, "float32")
-        tok = evaluation.load_eval_tokenizer("auto", path, cfg)
-        measure = quality.Quality.from_config(config, path, cfg, tok, config.seed)
-        skills_on = measure.skills_apply(tok)
+        cfg, params, tok, measure, skills_on = quality.load_compared(config, path, config.seed)
     except (FileNotFoundError, ValueError) as err:  # harness.HarnessError is a ValueError
         raise app.UsageError(str(err)) from None
     params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded

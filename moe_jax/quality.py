@@ -139,3 +139,13 @@ class Quality:
             return got
 
         return run
+
+
+def load_compared(config, path: str | os.PathLike, seed: int = 0):
+    """(cfg, params, tokenizer, measure, skills_on) for a launcher that compares variants of the model
+    at `path` (float32): the model, its own tokenizer, this config's quality columns and whether the
+    skills exact match applies. Every bad input fails here, before anything expensive runs."""
+    cfg, params = evaluation.load_model(path, "float32")
+    tokenizer = evaluation.load_eval_tokenizer("auto", path, cfg)
+    measure = Quality.from_config(config, path, cfg, tokenizer, seed)
+    return cfg, params, tokenizer, measure, measure.skills_apply(tokenizer)

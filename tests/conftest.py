@@ -20,6 +20,7 @@ from moe_jax import synthetic
 from moe_jax.config import ModelConfig
 from moe_jax.data import lm_eval_tasks
 from moe_jax.model.layout import pack_experts
+from moe_jax.scoring import Scores
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -57,6 +58,20 @@ def tiny_config(family: str = "qwen2_moe", **overrides) -> ModelConfig:
     dense = overrides.pop("dense_layers", dense)
     base.update(overrides)
     return ModelConfig.create(num_experts=num_experts, moe_intermediate_size=width, dense_layers=dense, **base)
+
+
+def random_dim_scores(cfg: ModelConfig, seed: int = 0) -> Scores:
+    """Distinct random "fisher" scores for every routed dim, experts of different worth (NaN past a
+    width), for selection tests that need no calibration pass."""
+    rng = np.random.default_rng(seed)
+    values = {}
+    for i in cfg.moe_layers:
+        arr = np.full((cfg.experts_per_layer[i], cfg.max_width(i)), np.nan)
+        for e, w in enumerate(cfg.expert_widths[i]):
+            arr[e, :w] = rng.gamma(0.5, size=w) * rng.uniform(0.2, 2.0)
+        values[cfg.layer_name(i)] = arr
+    widths = {cfg.layer_name(i): tuple(cfg.expert_widths[i]) for i in cfg.moe_layers}
+    return Scores({"fisher": values}, widths, num_sequences=1, num_tokens=1)
 
 
 # init() with weights at std 0.3, so routing and masks visibly matter; its one home is moe_jax.synthetic.

@@ -27,8 +27,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from moe_jax import hf, pruning  # noqa: E402
 from moe_jax.harness import MoeJaxLM  # noqa: E402
 from moe_jax.model import forward  # noqa: E402
-from moe_jax.scoring import Scores  # noqa: E402
-from tests.conftest import scaled_params, tiny_config, write_bpe_tokenizer  # noqa: E402
+from tests.conftest import random_dim_scores, scaled_params, tiny_config, write_bpe_tokenizer  # noqa: E402
 
 KEEP = lambda p, a: a  # noqa: E731  place=KEEP keeps numpy leaves
 FAMILIES = {  # tiny_config overrides: 8 experts of width 24; DeepSeek in two router groups of four
@@ -53,9 +52,7 @@ def pruned(family: str, kind: str):
     params = scaled_params(cfg)
     rng = np.random.default_rng(1)
     if kind == "expert_widths":  # one width, a multiple of 8: what stock kernels run
-        values = {cfg.layer_name(i): rng.uniform(size=(8, 24)) for i in cfg.moe_layers}
-        widths = {cfg.layer_name(i): tuple(cfg.expert_widths[i]) for i in cfg.moe_layers}
-        plan = pruning.select(cfg, Scores({"fisher": values}, widths, 1, 1), "fisher", "expert", 0.4, width_multiple=8)
+        plan = pruning.select(cfg, random_dim_scores(cfg), "fisher", "expert", 0.4, width_multiple=8)
     else:
         keep = dict(zip(cfg.moe_layers, KINDS[kind]))
         plan = pruning.PruningPlan(

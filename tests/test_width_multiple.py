@@ -12,23 +12,10 @@ import pytest
 from moe_jax import hf, pruning
 from moe_jax.model import forward
 from moe_jax.pruning import PlanError
-from moe_jax.scoring import Scores
-from tests.conftest import random_hf_checkpoint, tiny_config
+from tests.conftest import random_dim_scores, random_hf_checkpoint, tiny_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-
-def random_scores(cfg, seed=0):
-    rng = np.random.default_rng(seed)
-    values = {}
-    for i in cfg.moe_layers:
-        arr = np.full((cfg.experts_per_layer[i], cfg.max_width(i)), np.nan)
-        for e, w in enumerate(cfg.expert_widths[i]):
-            arr[e, :w] = rng.gamma(0.5, size=w) * rng.uniform(0.2, 2.0)  # experts of different worth
-        values[cfg.layer_name(i)] = arr
-    widths = {cfg.layer_name(i): tuple(cfg.expert_widths[i]) for i in cfg.moe_layers}
-    return Scores({"fisher": values}, widths, num_sequences=1, num_tokens=1)
 
 
 def widths_of(plan, layer):
@@ -40,7 +27,7 @@ def test_layer_scope_blocks_equal_a_brute_force_over_block_counts(ratio):
     """Widths 16, multiple 4: the kept dims of each expert are its best 4k, and the k per expert
     maximise the summed score among all choices keeping the budget's number of blocks."""
     cfg = tiny_config("olmoe", num_layers=1, dense_layers=(), num_experts=4, moe_intermediate_size=16)
-    scores = random_scores(cfg)
+    scores = random_dim_scores(cfg)
     plan = pruning.select(cfg, scores, "fisher", "layer", ratio, width_multiple=4)
     s_EF = scores["fisher"][cfg.layer_name(0)]
     n_blocks = round((64 - round(ratio * 64)) / 4)
@@ -57,7 +44,7 @@ def test_layer_scope_blocks_equal_a_brute_force_over_block_counts(ratio):
 def test_every_kept_width_is_a_multiple_or_whole_and_the_budget_is_as_close_as_it_allows(scope):
     cfg = tiny_config("qwen3_moe", num_experts=6, moe_intermediate_size=28)  # 28 = 3 x 8 + 4
     for ratio in (0.1, 0.3, 0.5, 0.7):
-        plan = pruning.select(cfg, random_scores(cfg, 1), "fisher", scope, ratio, width_multiple=8)
+        plan = pruning.select(cfg, random_dim_scores(cfg, 1), "fisher", scope, ratio, width_multiple=8)
         for layer in cfg.moe_layers:
             assert all(w % 8 == 0 or w == 28 for w in widths_of(plan, layer)), (scope, ratio)
         unit = 28 if scope == "expert" else 28 * 6 * (len(cfg.moe_layers) if scope == "global" else 1)
@@ -70,13 +57,13 @@ def test_every_kept_width_is_a_multiple_or_whole_and_the_budget_is_as_close_as_i
 def test_bad_width_multiples_are_refused(multiple, message):
     cfg = tiny_config("qwen3_moe", moe_intermediate_size=28)
     with pytest.raises(PlanError, match=message):
-        pruning.select(cfg, random_scores(cfg), "fisher", "expert", 0.5, width_multiple=multiple)
+        pruning.select(cfg, random_dim_scores(cfg), "fisher", "expert", 0.5, width_multiple=multiple)
 
 
 def test_a_budget_below_one_block_per_expert_names_the_multiple():
     cfg = tiny_config("qwen3_moe", num_experts=6, moe_intermediate_size=28)
     with pytest.raises(PlanError, match=r"one block of width_multiple=8"):
-        pruning.select(cfg, random_scores(cfg), "fisher", "layer", 0.8, width_multiple=8)
+        pruning.select(cfg, random_dim_scores(cfg), "fisher", "layer", 0.8, width_multiple=8)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
@@ -88,7 +75,7 @@ def test_expert_scope_exports_of_uneven_widths_run_in_stock_transformers(tmp_pat
     cfg, params = hf.load_pretrained(tmp_path / "orig", dtype="float32")
     tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 12))
     for ratio in (0.3, 0.5):
-        plan = pruning.select(cfg, random_scores(cfg), "fisher", "expert", ratio, width_multiple=8)
+        plan = pruning.select(cfg, random_dim_scores(cfg), "fisher", "expert", ratio, width_multiple=8)
         cfg2, params2 = pruning.apply(cfg, params, plan)
         assert cfg2.is_uniform and cfg2.expert_widths[cfg2.moe_layers[0]][0] % 8 == 0
         out = hf.save_pretrained(cfg2, params2, tmp_path / f"pruned{ratio}")

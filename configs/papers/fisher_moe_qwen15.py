@@ -35,12 +35,11 @@ def rows() -> tuple[tuple, ...]:
 
 
 def get_config():
-    config = paper.main_job_config()
     table = rows()
     # The seed's claims hold for 50% compression whichever ranking removed the dims (the bytes are
     # the same); its abstract does not say which scope its throughput figure used.
     fifty = [r[0] for r in table if r[3] == 0.5]
-    config.paper = paper.node(
+    node = paper.node(
         title="Fisher-MoE on Qwen1.5-MoE-A2.7B",
         source="Less is MoE (arXiv 2606.05538), abstract: ~45% less weight memory and +21% throughput at 50%",
         checkpoint="Qwen/Qwen1.5-MoE-A2.7B", rows=table,
@@ -56,11 +55,4 @@ def get_config():
                    add_bos=False, tasks={"gsm8k": "tiny_gsm", "mmlu": "tiny_mc", "arc_challenge": "tiny_mc",
                                          "hellaswag": "tiny_mc"},
                    rows=("Qwen1.5-MoE-A2.7B", "Fisher IntDim-G 50%")))
-    config.smoke = False  # True: a tiny random qwen2_moe and stand-in tasks instead of model_path (CI)
-    config.methods = paper.methods(table)
-    config.dtype = "bfloat16"
-    config.calibration.update(dict(data="hf:wikitext/wikitext-2-raw-v1:train", seq_len=512, batch_size=8,
-                                   micro_batch_size=1, max_rows=128))
-    config.eval.update(dict(data="hf:wikitext/wikitext-2-raw-v1:test", seq_len=1024, data_rows=64, batch_size=4))
-    config.lm_eval.update(dict(tasks=("gsm8k", "mmlu", "arc_challenge", "hellaswag"), batch_size=16))
-    return config
+    return paper.main_job_config(node, calibration_rows=128)

@@ -26,10 +26,9 @@ METHODS = (("Pathfinder", "pathfinder", "global"), ("REAP", "reap", "uniform"), 
 
 
 def get_config():
-    config = paper.main_job_config()
     table = (("Mixtral-8x7B", paper.BASELINE, "", 0.0),
              *((f"{name} {r:.0%}", method, scope, r) for r in (0.25, 0.5) for name, method, scope in METHODS))
-    config.paper = paper.node(
+    node = paper.node(
         title="MoE Pathfinder on Mixtral-8x7B",
         source="MoE Pathfinder (arXiv 2512.18425): the seed text reports no per-task numbers",
         checkpoint="mistralai/Mixtral-8x7B-v0.1", rows=table,
@@ -43,11 +42,4 @@ def get_config():
                    add_bos=True, tasks={"arc_challenge": "tiny_mc", "hellaswag": "tiny_mc", "mmlu": "tiny_mc",
                                         "winogrande": "tiny_mc", "gsm8k": "tiny_gsm", "medqa_4options": "tiny_mc"},
                    rows=("Mixtral-8x7B", "Pathfinder 25%")))
-    config.smoke = False  # True: a tiny random mixtral and stand-in tasks instead of model_path (CI)
-    config.methods = paper.methods(table)
-    config.dtype = "bfloat16"
-    config.calibration.update(dict(data="hf:wikitext/wikitext-2-raw-v1:train", seq_len=512, batch_size=8,
-                                   micro_batch_size=1, max_rows=64))
-    config.eval.update(dict(data="hf:wikitext/wikitext-2-raw-v1:test", seq_len=1024, data_rows=64, batch_size=4))
-    config.lm_eval.update(dict(tasks=tuple(c[1] for c in config.paper.columns), batch_size=16))
-    return config
+    return paper.main_job_config(node, calibration_rows=64)

@@ -20,10 +20,9 @@ from moe_jax.reproduction import paper
 
 
 def get_config():
-    config = paper.main_job_config()
     table = (("Qwen3-30B-A3B", paper.BASELINE, "", 0.0), ("REAP 50%", "reap", "uniform", 0.5),
              ("frequency 50%", "frequency", "uniform", 0.5), ("Pathfinder 50%", "pathfinder", "global", 0.5))
-    config.paper = paper.node(
+    node = paper.node(
         title="REAP on Qwen3-30B-A3B at 50%",
         source="llm-compressor's REAP example (REAPPruningModifier) as cited in ANCHORS.md",
         checkpoint="Qwen/Qwen3-30B-A3B", rows=table,
@@ -35,11 +34,4 @@ def get_config():
                               moe_intermediate_size=16, num_experts=16, num_experts_per_tok=4,
                               norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False),
                    add_bos=False, tasks={"gsm8k": "tiny_gsm"}, rows=("Qwen3-30B-A3B", "REAP 50%")))
-    config.smoke = False  # True: a tiny random qwen3_moe and stand-in tasks instead of model_path (CI)
-    config.methods = paper.methods(table)
-    config.dtype = "bfloat16"
-    config.calibration.update(dict(data="hf:wikitext/wikitext-2-raw-v1:train", seq_len=512, batch_size=8,
-                                   micro_batch_size=1, max_rows=128))
-    config.eval.update(dict(data="hf:wikitext/wikitext-2-raw-v1:test", seq_len=1024, data_rows=64, batch_size=4))
-    config.lm_eval.update(dict(tasks=("gsm8k",), batch_size=16))
-    return config
+    return paper.main_job_config(node, calibration_rows=128)

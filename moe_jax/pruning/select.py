@@ -49,7 +49,8 @@ def select(cfg: ModelConfig, scores: Scores, method: str = "fisher", scope: str 
     Whole-expert methods (`EXPERT_METHODS`: "pathfinder", "frequency", "reap", "naee",
     ...) remove `ratio` of the experts instead; their scope is the allocation, "uniform" or
     "global". `params` (NAEE), `pathfinder` (`PathfinderSettings`), `seed` and `keep_experts`
-    ({layer: ids} always kept, within the budget) serve those.
+    ({layer: ids} always kept, within the budget) serve those; they keep whole widths, so any
+    `width_multiple` holds for them.
     """
     ratio = check_ratio(ratio)
     if method in EXPERT_METHODS:

@@ -35,13 +35,24 @@ class PaperConfigError(ValueError):
     """A paper config whose rows, columns or published cells do not fit together."""
 
 
-def main_job_config() -> ml_collections.ConfigDict:
-    """configs/prune.py's config: a paper config is the main job's, with its own methods, tasks and data."""
+def main_job_config(table: ml_collections.ConfigDict, *, calibration_rows: int = 128) -> ml_collections.ConfigDict:
+    """A paper config: configs/prune.py's (the main job's) with the `paper` node `table`, the methods
+    its rows need, the lm-eval tasks its columns read, bfloat16 weights and wikitext-2 for
+    calibration (`calibration_rows` rows of 512 tokens) and held-out perplexity."""
     path = REPO / "configs" / "prune.py"
     spec = importlib.util.spec_from_file_location("prune_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    config = module.get_config()
+    config.paper = table
+    config.smoke = False  # True: a tiny random model of the family and stand-in tasks instead of model_path
+    config.methods = methods(table.rows)
+    config.dtype = "bfloat16"
+    config.calibration.update(dict(data="hf:wikitext/wikitext-2-raw-v1:train", seq_len=512, batch_size=8,
+                                   micro_batch_size=1, max_rows=calibration_rows))
+    config.eval.update(dict(data="hf:wikitext/wikitext-2-raw-v1:test", seq_len=1024, data_rows=64, batch_size=4))
+    config.lm_eval.update(dict(tasks=tuple(dict.fromkeys(c[1] for c in table.columns)), batch_size=16))
+    return config
 
 
 def run_of(row: Sequence[Any]) -> str:
@@ -50,10 +61,14 @@ def run_of(row: Sequence[Any]) -> str:
     return BASELINE if method == BASELINE else run_label(method, scope, float(ratio))
 
 
-def parse_method(name: str) -> tuple[str, str]:
-    """"fisher:global" -> ("fisher", "global"), the form paper rows and config.methods share."""
-    method, _, scope = name.partition(":")
-    return method, scope
+def runs_of(config_methods: Sequence[Sequence[Any]], default_scope: str) -> set[str]:
+    """The run labels the main job makes for `config.methods` ("fisher:global" or "fisher" plus the
+    default scope), the baseline included: the rows a finished stage can fill."""
+    labels = {BASELINE}
+    for name, ratio in config_methods:
+        method, _, scope = str(name).partition(":")
+        labels.add(run_label(method, scope or default_scope, float(ratio)))
+    return labels
 
 
 def methods(rows: Sequence[Sequence[Any]]) -> tuple[tuple[str, float], ...]:
