@@ -177,6 +177,131 @@ def random_hf_checkpoint(out_dir, family: str = "qwen2_moe", **overrides):
     return out_dir
 
 
+
+# ---------------------------------------------------------------- key-map checkpoints (test_hf_load, test_hf_save,
+# test_hf_bad_checkpoints): one tiny random checkpoint per variant of the key map the loader must read (MLA with
+# and without q LoRA, group-limited routing, dense layers between MoE ones, tied embeddings, attention biases),
+# saved by transformers; the oracle maps torch's in-memory names to our tree independently of moe_jax.hf.
+KEEP = lambda p, a: a  # noqa: E731  place=KEEP keeps numpy leaves
+
+_KM_SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_experts_per_tok=2)
+_KM_MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=48,
+               moe_intermediate_size=24, n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3)
+KEYMAP_HF_CONFIGS = {  # name -> (transformers config class, kwargs)
+    "mixtral": ("MixtralConfig", dict(**_KM_SMALL, intermediate_size=24, num_hidden_layers=2,
+                                      num_key_value_heads=2, num_local_experts=4)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(**_KM_SMALL, intermediate_size=48, moe_intermediate_size=24,
+                                         shared_expert_intermediate_size=40, num_hidden_layers=3,
+                                         num_key_value_heads=2, num_experts=4, mlp_only_layers=[1])),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(**_KM_SMALL, intermediate_size=48, moe_intermediate_size=24,
+                                         num_hidden_layers=3, num_key_value_heads=2, num_experts=4,
+                                         head_dim=16, mlp_only_layers=[0], tie_word_embeddings=True,
+                                         attention_bias=True)),
+    "olmoe": ("OlmoeConfig", dict(**_KM_SMALL, intermediate_size=24, num_hidden_layers=2,
+                                  num_key_value_heads=2, num_experts=4)),
+    "deepseek_v2": ("DeepseekV2Config", dict(**_KM_SMALL, **_KM_MLA, n_routed_experts=4, q_lora_rank=None,
+                                             topk_method="group_limited_greedy", n_group=2, topk_group=1)),
+    "deepseek_v2_qlora": ("DeepseekV2Config", dict(**_KM_SMALL, **_KM_MLA, n_routed_experts=4, q_lora_rank=12,
+                                                   attention_bias=True)),
+    "deepseek_v3": ("DeepseekV3Config", dict(**_KM_SMALL, **_KM_MLA, n_routed_experts=8, q_lora_rank=12,
+                                             n_group=4, topk_group=2)),
+}
+KEYMAP_FAMILIES = list(KEYMAP_HF_CONFIGS)
+
+
+def make_keymap_checkpoint(name: str, out: Path, dtype=None) -> dict[str, np.ndarray]:
+    """Saves a random tiny model of KEYMAP_HF_CONFIGS[name] to `out` (every tensor random: norms of ones
+    and zero biases are a poor oracle); returns its in-memory state dict as float32 numpy."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cls_name, kwargs = KEYMAP_HF_CONFIGS[name]
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**kwargs))
+    gen = torch.Generator().manual_seed(KEYMAP_FAMILIES.index(name))
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype))
+    model = model.to(dtype or torch.float32)
+    model.save_pretrained(out)
+    return {k: v.float().numpy().copy() for k, v in model.state_dict().items()}
+
+
+class _KeymapCheckpoints(dict):
+    """name -> (path, state dict), each checkpoint made on first use."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str):
+        self[name] = (self.root / name, make_keymap_checkpoint(name, self.root / name))
+        return self[name]
+
+
+@pytest.fixture(scope="session")
+def keymap_checkpoints(tmp_path_factory) -> dict[str, tuple[Path, dict[str, np.ndarray]]]:
+    """The KEYMAP_HF_CONFIGS checkpoints: name -> (path, torch's state dict as float32 numpy). Read-only:
+    a test that edits one works on a copy."""
+    return _KeymapCheckpoints(tmp_path_factory.mktemp("hf"))
+
+
+_ATTN_RENAME = {"q_a_layernorm": "q_a_norm", "kv_a_layernorm": "kv_a_norm", "kv_a_proj_with_mqa": "kv_a_proj"}
+_NORMS = {"q_norm", "k_norm", "q_a_norm", "kv_a_norm"}
+
+
+def keymap_oracle(cfg: ModelConfig, sd: dict[str, np.ndarray]) -> dict[tuple, np.ndarray]:
+    """Our tree (flat) from transformers' in-memory names (fused experts, `mlp.` everywhere)."""
+    out: dict[tuple, np.ndarray] = {("embed", "embedding"): sd["model.embed_tokens.weight"],
+                                    ("final_norm", "scale"): sd["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out[("lm_head", "kernel")] = sd["lm_head.weight"].T
+    for key, w in sd.items():
+        parts = key.split(".")
+        if parts[:2] != ["model", "layers"]:
+            continue
+        layer, rest = f"layer_{parts[2]}", parts[3:]
+        if rest[0] in ("input_layernorm", "post_attention_layernorm"):
+            out[(layer, "input_norm" if rest[0] == "input_layernorm" else "post_attn_norm", "scale")] = w
+        elif rest[0] == "self_attn":
+            mod = _ATTN_RENAME.get(rest[1], rest[1])
+            leaf = "scale" if mod in _NORMS else ("kernel" if rest[2] == "weight" else "bias")
+            out[(layer, "attn", mod, leaf)] = w.T if leaf == "kernel" else w
+        elif rest[1] == "gate":
+            if rest[2] == "weight":
+                out[(layer, "moe", "router", "kernel")] = w.T
+            else:
+                out[(layer, "moe", "score_bias")] = w
+        elif rest[1] == "experts":
+            experts = (layer, "moe", "experts", "bucket_0")
+            if rest[2] == "gate_up_proj":
+                f = w.shape[1] // 2
+                out[experts + ("gate",)] = w[:, :f].transpose(0, 2, 1)
+                out[experts + ("up",)] = w[:, f:].transpose(0, 2, 1)
+            else:
+                out[experts + ("down",)] = w.transpose(0, 2, 1)
+        elif rest[1] in ("shared_expert", "shared_experts"):
+            out[(layer, "moe", "shared", rest[2], "kernel")] = w.T
+        elif rest[1] == "shared_expert_gate":
+            out[(layer, "moe", "shared_gate", "kernel")] = w.T
+        else:
+            out[(layer, "mlp", rest[1], "kernel")] = w.T
+    return out
+
+
+def flat_leaves(params, prefix: tuple = ()) -> dict[tuple, np.ndarray]:
+    """{path tuple: numpy array} of a nested dict of params."""
+    if isinstance(params, dict):
+        return {k: v for name, sub in params.items() for k, v in flat_leaves(sub, prefix + (name,)).items()}
+    return {prefix: np.asarray(params)}
+
+
+def assert_same_leaves(a: dict[tuple, np.ndarray], b: dict[tuple, np.ndarray]) -> None:
+    """Same keys, shapes and values (compared in float32, exactly)."""
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        np.testing.assert_array_equal(np.asarray(a[k], np.float32), np.asarray(b[k], np.float32),
+                                      err_msg=str(k))
+
 # A small BPE tokenizer whose post-processor can add BOS; its one home is the stand-in task module.
 write_bpe_tokenizer = lm_eval_tasks.write_tokenizer
 
@@ -282,8 +407,8 @@ def experts_oracle(cfg, per_expert, x, idx, weights, dims_mask=None, seq_id=None
 def expert_case(scenario, seed=0, T=24):
     """(cfg, per_expert, params, x, idx, w, dims_mask, seq_id) for one scenario.
 
-    uniform: one bucket, no mask. mask_ef / mask_sef: non-uniform widths in three buckets
-    ({0, 1} at 8, {2, 3, 4} at 16, {5, 6, 7} at 32) with an (E, F) mask / an (S, E, F) mask and
+    uniform: one bucket, no mask. mask_ef / mask_bef: non-uniform widths in three buckets
+    ({0, 1} at 8, {2, 3, 4} at 16, {5, 6, 7} at 32) with an (E, F) mask / a (B, E, F) mask and
     seq ids. skewed: non-uniform, expert 3 gets every token, experts 0, 1, 2, 6 none (so the
     whole first bucket is idle).
     """
@@ -302,10 +427,10 @@ def expert_case(scenario, seed=0, T=24):
     mask, seq = None, None
     if scenario == "mask_ef":
         mask = rng.uniform(0, 1, size=(E, F)).astype(np.float32) * (rng.uniform(size=(E, F)) > 0.3)
-    if scenario == "mask_sef":
-        S = 3
-        mask = rng.uniform(0, 1, size=(S, E, F)).astype(np.float32)
-        seq = np.repeat(np.arange(S), T // S).astype(np.int32)
+    if scenario == "mask_bef":
+        B = 3
+        mask = rng.uniform(0, 1, size=(B, E, F)).astype(np.float32)
+        seq = np.repeat(np.arange(B), T // B).astype(np.int32)
     return cfg, per_expert, params, x, idx.astype(np.int32), w, mask, seq
 
 

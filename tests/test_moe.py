@@ -157,13 +157,13 @@ def _run(cfg, impl, params, x, idx, w, mask, seq, block_rows=None, stats=True):
         params, x, idx, w, mask, seq)
 
 
-@pytest.mark.parametrize("scenario", ["uniform", "mask_ef", "mask_sef", "skewed"])
+@pytest.mark.parametrize("scenario", ["uniform", "mask_ef", "mask_bef", "skewed"])
 def test_impls_match_loop_oracle(scenario):
     cfg, per_expert, params, x, idx, w, mask, seq = expert_case(scenario)
     assert (len(cfg.expert_buckets(0)) > 1) == (scenario != "uniform")
     y_ref, st_ref = experts_oracle(cfg, per_expert, x, idx, w, mask, seq)
     runs = [(impl, None) for impl in IMPLS]
-    if scenario in ("mask_sef", "skewed"):
+    if scenario in ("mask_bef", "skewed"):
         runs.append(("blocked", 4))  # several blocks per expert
     for impl, block_rows in runs:
         y, st = _run(cfg, impl, params, x, idx, w, mask, seq, block_rows)
@@ -175,7 +175,7 @@ def test_impls_match_loop_oracle(scenario):
                                        err_msg=f"{impl} {block_rows} {k}")
 
 
-@pytest.mark.parametrize("scenario", ["uniform", "mask_sef", "skewed"])
+@pytest.mark.parametrize("scenario", ["uniform", "mask_bef", "skewed"])
 def test_per_choice_outputs_match_loop_oracle(scenario):
     """stats["out_TKD"] (what calibration reuses for the routed reconstruction error) is each
     choice's own f_e(x): the oracle run on that one choice with weight 1; trimmed choices are 0."""
@@ -218,7 +218,7 @@ def test_accepts_routing_tuple_and_namedtuple():
     np.testing.assert_array_equal(np.asarray(fwd(r)), np.asarray(fwd((r.idx_TK, r.weights_TK))))
 
 
-@pytest.mark.parametrize("scenario", ["mask_ef", "mask_sef"])
+@pytest.mark.parametrize("scenario", ["mask_ef", "mask_bef"])
 def test_gradients_agree_across_impls(scenario):
     """d/d(params, x, routing weights, dims mask) of every path equals the dense reference's."""
     cfg, per_expert, params, x, idx, w, mask, seq = expert_case(scenario, seed=3)
@@ -229,7 +229,7 @@ def test_gradients_agree_across_impls(scenario):
                                    block_rows=block_rows)
         return jnp.sum(y * cot)
 
-    runs = [(i, None) for i in IMPLS] if scenario == "mask_sef" else [("dense", None), ("blocked", 4)]
+    runs = [(i, None) for i in IMPLS] if scenario == "mask_bef" else [("dense", None), ("blocked", 4)]
     grads = {}
     for impl, block_rows in runs:
         f = jit(jax.grad(functools.partial(loss, impl, block_rows), argnums=(0, 1, 2, 3)))

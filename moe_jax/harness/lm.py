@@ -334,9 +334,9 @@ class MoeJaxLM(TemplateLM):
                 prompts = [ids[-max_ctx_len:] for ids in self._batch_encode([contexts[j] for j in chunk])]
                 tokens_BT, valid_BT = batching.prompt_rows(prompts, self.max_length, self.batch_size,
                                                            pad_id=self.tokenizer.pad_token_id)
-                out_BN = self._device_call(_GENERATE, (tokens_BT, valid_BT), max_gen_toks, temperature)
+                out_BT = self._device_call(_GENERATE, (tokens_BT, valid_BT), max_gen_toks, temperature)
                 for b, j in enumerate(chunk):
-                    ids = list(out_BN[b])
+                    ids = list(out_BT[b])
                     ends = [n for n, t in enumerate(ids) if t in self.stop_token_ids]
                     ids = ids[:ends[0] + 1] if ends else ids  # the end token is kept, as HF's output keeps it
                     text = postprocess_generated_text(self.tok_decode(ids), stop=until, think_end_token=None)

@@ -115,13 +115,13 @@ def apply_rope(x_BTHd, cos_BTh, sin_BTh, interleaved: bool):
 
 
 # ----------------------------------------------------------------------------- core
-def attend(q_BTHd, k_BSKd, v_BSKe, q_slot_T, key_valid_BS, scale: float, window: int | None):
+def attend(q_BTHd, k_BSGd, v_BSGe, q_slot_T, key_valid_BS, scale: float, window: int | None):
     """Softmax attention over slots with GQA grouping; float32 logits and softmax."""
     B, T, H, _ = q_BTHd.shape
-    K = k_BSKd.shape[2]
-    S = k_BSKd.shape[1]
-    q = q_BTHd.reshape(B, T, K, H // K, -1)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKd, preferred_element_type=jnp.float32) * scale
+    G = k_BSGd.shape[2]
+    S = k_BSGd.shape[1]
+    q = q_BTHd.reshape(B, T, G, H // G, -1)
+    logits = jnp.einsum("btgqd,bsgd->bgqts", q, k_BSGd, preferred_element_type=jnp.float32) * scale
     k_slot = jnp.arange(S)
     allowed = k_slot[None, :] <= q_slot_T[:, None]
     if window:
@@ -132,9 +132,9 @@ def attend(q_BTHd, k_BSKd, v_BSKe, q_slot_T, key_valid_BS, scale: float, window:
     logits = jnp.where(allowed[:, None, None], logits, -jnp.inf)
     # A row with no allowed key (a padding query) would be NaN; give it a harmless uniform row.
     logits = jnp.where(allowed.any(-1)[:, None, None, :, None], logits, 0.0)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKe.dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v_BSKe, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, H, -1).astype(v_BSKe.dtype)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSGe.dtype)
+    out = jnp.einsum("bgqts,bsge->btgqe", probs, v_BSGe, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H, -1).astype(v_BSGe.dtype)
 
 
 def _write(cache_arr, new, index):
@@ -151,16 +151,16 @@ class GQAttention(nn.Module):
     def __call__(self, x_BTD, cos, sin, q_slot_T, key_valid_BS, cache=None, index=0):
         cfg, dt = self.cfg, self.dtype
         B, T, _ = x_BTD.shape
-        H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        H, G, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = Linear(H * hd, cfg.qkv_bias, dt, name="q_proj")(x_BTD)
-        k = Linear(K * hd, cfg.qkv_bias, dt, name="k_proj")(x_BTD)
-        v = Linear(K * hd, cfg.qkv_bias, dt, name="v_proj")(x_BTD)
+        k = Linear(G * hd, cfg.qkv_bias, dt, name="k_proj")(x_BTD)
+        v = Linear(G * hd, cfg.qkv_bias, dt, name="v_proj")(x_BTD)
         if cfg.qk_norm == "full":
             q = RMSNorm(cfg.rms_norm_eps, dt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, dt, name="k_norm")(k)
         if cfg.clip_qkv is not None:
             q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
-        q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, K, hd), v.reshape(B, T, K, hd)
+        q, k, v = q.reshape(B, T, H, hd), k.reshape(B, T, G, hd), v.reshape(B, T, G, hd)
         if cfg.qk_norm == "head":
             q = RMSNorm(cfg.rms_norm_eps, dt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, dt, name="k_norm")(k)

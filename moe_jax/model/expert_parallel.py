@@ -57,13 +57,13 @@ class _Layout:
         self.slots = int(offsets[-1])  # local expert slots per device
         self.owner_E = np.zeros(E, np.int32)
         self.slot_E = np.zeros(E, np.int32)
-        self.router_of_NS = np.full((n, self.slots), E, np.int32)  # E: a padding slot
+        self.router_of_XL = np.full((n, self.slots), E, np.int32)  # E: a padding slot
         for b, bucket in enumerate(buckets):
             L = self.runs[b]
             for j, e in enumerate(bucket.expert_ids):
                 d, s = divmod(j, L)
                 self.owner_E[e], self.slot_E[e] = d, offsets[b] + s
-                self.router_of_NS[d, offsets[b] + s] = e
+                self.router_of_XL[d, offsets[b] + s] = e
         widths = [b.width for b, L in zip(buckets, self.runs) for _ in range(L)]
         # The device's experts as a layer of their own: same bucket widths, L_b slots each.
         # top-k / groups are irrelevant to expert maths; set so any slot count validates.
@@ -125,19 +125,19 @@ def _local(experts, x_TD, idx_TK, w_TK, send_TK, seq_T, valid_T, mask, *, cfg, l
     R = T * K
     exp_R = idx_TK.reshape(R)
     dest_R = jnp.asarray(lay.owner_E)[exp_R]
-    to_NR = (dest_R[None, :] == jnp.arange(n)[:, None]) & send_TK.reshape(1, R)  # the one buffer row r fills
+    to_XR = (dest_R[None, :] == jnp.arange(n)[:, None]) & send_TK.reshape(1, R)  # the one buffer row r fills
     tok_R = jnp.repeat(jnp.arange(T), K)
 
     def to_owners(a_R):  # (R, ...) -> (n, R, ...) buffers -> the rows others sent here
-        buf = jnp.where(to_NR.reshape(to_NR.shape + (1,) * (a_R.ndim - 1)), a_R[None], jnp.zeros((), a_R.dtype))
+        buf = jnp.where(to_XR.reshape(to_XR.shape + (1,) * (a_R.ndim - 1)), a_R[None], jnp.zeros((), a_R.dtype))
         return jax.lax.all_to_all(buf, "expert", 0, 0, tiled=True).reshape((n * R,) + a_R.shape[1:])
 
-    x_SD = to_owners(x_TD[tok_R])
-    slot_S = to_owners(jnp.asarray(lay.slot_E)[exp_R])
-    w_S = to_owners(w_TK.reshape(R))
-    live_S = to_owners(jnp.ones(R, bool))  # False: an empty buffer slot
-    seq_S = to_owners(seq_T[tok_R])
-    valid_S = to_owners(valid_T[tok_R].astype(_F32))
+    x_ND = to_owners(x_TD[tok_R])
+    slot_N = to_owners(jnp.asarray(lay.slot_E)[exp_R])
+    w_N = to_owners(w_TK.reshape(R))
+    live_N = to_owners(jnp.ones(R, bool))  # False: an empty buffer slot
+    seq_N = to_owners(seq_T[tok_R])
+    valid_N = to_owners(valid_T[tok_R].astype(_F32))
 
     local_params = {}
     for b, (w, L, sharded) in enumerate(zip(experts, lay.runs, lay.sharded)):
@@ -147,20 +147,20 @@ def _local(experts, x_TD, idx_TK, w_TK, send_TK, seq_T, valid_T, mask, *, cfg, l
             ids = jnp.minimum(me * L + jnp.arange(L), w["gate"].shape[0] - 1)
             local_params[f"bucket_{b}"] = {k: v[ids] for k, v in w.items()}
     local_mask = None
-    if mask is not None:  # the device's slots' rows of the (E, F) or (S, E, F) dims mask
-        router_S = jnp.asarray(lay.router_of_NS)[me]
-        local_mask = jnp.take(mask, jnp.minimum(router_S, mask.shape[-2] - 1), axis=-2)
-    y_SD, stats = local_paths.forward(
-        lay.local_cfg, layer, local_params, x_SD, slot_S[:, None], w_S[:, None], live_S[:, None], dims_mask=local_mask,
-        seq_id_T=seq_S if local_mask is not None and local_mask.ndim == 3 else None,
-        impl=inner_impl, collect_stats=collect_stats, token_valid_T=valid_S)
-    back_NRD = jax.lax.all_to_all(y_SD.reshape(n, R, D), "expert", 0, 0, tiled=True)
-    y_RD = jnp.take_along_axis(back_NRD, dest_R[None, :, None], axis=0)[0]
+    if mask is not None:  # the device's slots' rows of the (E, F) or (B, E, F) dims mask
+        router_L = jnp.asarray(lay.router_of_XL)[me]
+        local_mask = jnp.take(mask, jnp.minimum(router_L, mask.shape[-2] - 1), axis=-2)
+    y_ND, stats = local_paths.forward(
+        lay.local_cfg, layer, local_params, x_ND, slot_N[:, None], w_N[:, None], live_N[:, None], dims_mask=local_mask,
+        seq_id_T=seq_N if local_mask is not None and local_mask.ndim == 3 else None,
+        impl=inner_impl, collect_stats=collect_stats, token_valid_T=valid_N)
+    back_XRD = jax.lax.all_to_all(y_ND.reshape(n, R, D), "expert", 0, 0, tiled=True)
+    y_RD = jnp.take_along_axis(back_XRD, dest_R[None, :, None], axis=0)[0]
     y_TD = y_RD.reshape(T, K, D).sum(1)
     if collect_stats:  # local slots -> router indices (padding slots dropped), summed over token shards
-        router_S = jnp.asarray(lay.router_of_NS)[me]
+        router_L = jnp.asarray(lay.router_of_XL)[me]
         E = cfg.experts_per_layer[layer]
-        stats = {k: jax.lax.psum(jnp.zeros((E,) + v.shape[1:], v.dtype).at[router_S].add(v, mode="drop"), sum_axes)
+        stats = {k: jax.lax.psum(jnp.zeros((E,) + v.shape[1:], v.dtype).at[router_L].add(v, mode="drop"), sum_axes)
                  for k, v in stats.items()}
     return y_TD, stats
 

@@ -111,10 +111,10 @@ def run(inputs: Inputs, experts_params: Mapping[str, Any], *, impl: str, collect
     v_R = valid_T[tok_R] if active_R is None else valid_T[tok_R] * active_R
     rows = _Rows(tok_R, idx_TK.reshape(-1), weights_TK.reshape(-1), v_R, active_R)
     if impl == "blocked":
-        B = block_rows_for(T, K, info.E) if block_rows is None else int(block_rows)
-        if B < 1:
+        C = block_rows_for(T, K, info.E) if block_rows is None else int(block_rows)
+        if C < 1:
             raise ValueError(f"experts_forward: block_rows={block_rows} must be positive")
-        out_RD, sums = _blocked(info, experts_params, x_TD, rows, mask, seq_id_T, collect_stats, B)
+        out_RD, sums = _blocked(info, experts_params, x_TD, rows, mask, seq_id_T, collect_stats, C)
     else:
         bucket_fn = _ragged_bucket if impl == "ragged" else _gather_bucket
         out_RD, sums = _per_bucket(info, experts_params, x_TD, rows, mask, seq_id_T, collect_stats, bucket_fn)
@@ -163,7 +163,7 @@ def _check_mask(info: _Layer, dims_mask, seq_id_T, T):
         return None, seq_id_T
     dims_mask = jnp.asarray(dims_mask)
     if dims_mask.ndim not in (2, 3) or dims_mask.shape[-2:] != (info.E, info.F_max):
-        raise ValueError(f"dims_mask has shape {dims_mask.shape}, expected (E, F_max) or (S, E, F_max) "
+        raise ValueError(f"dims_mask has shape {dims_mask.shape}, expected (E, F_max) or (B, E, F_max) "
                          f"with E={info.E}, F_max={info.F_max}")
     if dims_mask.ndim == 3:
         if seq_id_T is None or tuple(seq_id_T.shape) != (T,):
@@ -175,7 +175,7 @@ def _check_mask(info: _Layer, dims_mask, seq_id_T, T):
 
 
 def _bucket_mask(mask, bucket: ExpertBucket):
-    """The bucket's rows and columns of a dims mask: (E_b, F_b) or (S, E_b, F_b)."""
+    """The bucket's rows and columns of a dims mask: (E_b, F_b) or (B, E_b, F_b)."""
     return None if mask is None else mask[..., np.asarray(bucket.expert_ids), : bucket.width]
 
 
@@ -265,7 +265,7 @@ def _per_bucket(info, experts_params, x_TD, rows, mask, seq_id_T, collect_stats,
 
 
 def _row_mask(mask_b, seq_N, local_N):
-    """Each row's dims-mask row (N, F_b) from a bucket mask (E_b, F_b) or (S, E_b, F_b)."""
+    """Each row's dims-mask row (N, F_b) from a bucket mask (E_b, F_b) or (B, E_b, F_b)."""
     if mask_b is None:
         return None
     return mask_b[local_N] if mask_b.ndim == 2 else mask_b[seq_N, local_N]
@@ -299,70 +299,70 @@ def _ragged_bucket(w, x_TD, rows, in_b_R, local_R, mask_b, seq_id_T, collect_sta
     perm = jnp.argsort(key_R, stable=True)
     sizes = jnp.bincount(key_R, length=n + 1)[:n].astype(jnp.int32)
     dt = w["gate"].dtype
-    x_SD = x_TD[rows.tok_R[perm]].astype(dt)
-    gated = jax.nn.silu(jax.lax.ragged_dot(x_SD, w["gate"], sizes, preferred_element_type=_F32))
-    h_SF = gated * jax.lax.ragged_dot(x_SD, w["up"], sizes, preferred_element_type=_F32)
+    x_ND = x_TD[rows.tok_R[perm]].astype(dt)
+    gated = jax.nn.silu(jax.lax.ragged_dot(x_ND, w["gate"], sizes, preferred_element_type=_F32))
+    h_NF = gated * jax.lax.ragged_dot(x_ND, w["up"], sizes, preferred_element_type=_F32)
     m = _row_mask(mask_b, None if seq_id_T is None else seq_id_T[rows.tok_R[perm]], local_R[perm])
     if m is not None:
-        h_SF = h_SF * m.astype(_F32)
-    out_SD = jax.lax.ragged_dot(h_SF.astype(dt), w["down"], sizes, preferred_element_type=_F32)
-    out_SD = out_SD * in_b_R[perm][:, None]
-    out_RD = jnp.zeros_like(out_SD).at[perm].set(out_SD, unique_indices=True)
-    return out_RD, _act_sums(h_SF, rows.w_R[perm], rows.v_R[perm], local_R[perm], in_b_R[perm], n,
+        h_NF = h_NF * m.astype(_F32)
+    out_ND = jax.lax.ragged_dot(h_NF.astype(dt), w["down"], sizes, preferred_element_type=_F32)
+    out_ND = out_ND * in_b_R[perm][:, None]
+    out_RD = jnp.zeros_like(out_ND).at[perm].set(out_ND, unique_indices=True)
+    return out_RD, _act_sums(h_NF, rows.w_R[perm], rows.v_R[perm], local_R[perm], in_b_R[perm], n,
                              collect_stats)
 
 
 # ------------------------------------------------------------------------------------- blocked
-def _blocked(info, experts_params, x_TD, rows, mask, seq_id_T, collect_stats, B):
-    """Rows sorted by expert into blocks of B rows that each hold one expert's rows.
+def _blocked(info, experts_params, x_TD, rows, mask, seq_id_T, collect_stats, C):
+    """Rows sorted by expert into blocks of C rows that each hold one expert's rows.
 
     Experts are ordered bucket by bucket and each expert's rows start a fresh block (padded
-    with zero rows), so a block is one (B, D) @ (D, F_b) matmul chain against one expert.
-    The static block count bounds the worst case, sum_e ceil(n_e / B); loops with dynamic
+    with zero rows), so a block is one (C, D) @ (D, F_b) matmul chain against one expert.
+    The static block count bounds the worst case, sum_e ceil(n_e / C); loops with dynamic
     bounds visit only the used blocks.
     """
     T, D = x_TD.shape
     R, E = rows.exp_R.shape[0], info.E
-    NB = max(1, min((R + min(E, R) * (B - 1)) // B, E * -(-T // B)))
+    M = max(1, min((R + min(E, R) * (C - 1)) // C, E * -(-T // C)))
 
-    # Layout: p = the expert's position in bucket order; sorted row -> slot = block * B + offset.
+    # Layout: p = the expert's position in bucket order; sorted row -> slot = block * C + offset.
     # Rows dropped by trimming get position E: sorted last, in no block, never run (output 0).
     pos_R = jnp.asarray(np.argsort(info.order).astype(np.int32))[rows.exp_R]
     if rows.active_R is not None:
         pos_R = jnp.where(rows.active_R, pos_R, E)
     perm = jnp.argsort(pos_R, stable=True)
-    sizes_P = jnp.bincount(pos_R, length=E + 1)[:E].astype(jnp.int32)
-    blocks_P = (sizes_P + B - 1) // B
-    blk_end_P = jnp.cumsum(blocks_P)
+    sizes_E = jnp.bincount(pos_R, length=E + 1)[:E].astype(jnp.int32)
+    blocks_E = (sizes_E + C - 1) // C
+    blk_end_E = jnp.cumsum(blocks_E)
     pos_sorted = pos_R[perm]
     run_sorted, pos_sorted = pos_sorted < E, jnp.minimum(pos_sorted, E - 1)
-    rank_sorted = jnp.arange(R, dtype=jnp.int32) - (jnp.cumsum(sizes_P) - sizes_P)[pos_sorted]
-    slot_sorted = jnp.where(run_sorted, (blk_end_P - blocks_P)[pos_sorted] * B + rank_sorted, NB * B)
+    rank_sorted = jnp.arange(R, dtype=jnp.int32) - (jnp.cumsum(sizes_E) - sizes_E)[pos_sorted]
+    slot_sorted = jnp.where(run_sorted, (blk_end_E - blocks_E)[pos_sorted] * C + rank_sorted, M * C)
     slot_R = jnp.zeros(R, jnp.int32).at[perm].set(slot_sorted, unique_indices=True)
-    src_S = jnp.full(NB * B + 1, R, jnp.int32).at[slot_sorted].set(perm)[:NB * B]  # slot NB*B: dropped rows
-    filled_S, src_S = src_S < R, jnp.minimum(src_S, R - 1)  # empty slots hold zeros
+    src_N = jnp.full(M * C + 1, R, jnp.int32).at[slot_sorted].set(perm)[:M * C]  # slot M*C: dropped rows
+    filled_N, src_N = src_N < R, jnp.minimum(src_N, R - 1)  # empty slots hold zeros
 
-    x_NBD = jnp.where(filled_S[:, None], x_TD[rows.tok_R[src_S]], 0).reshape(NB, B, D)
-    seq_NB = None if mask is None or mask.ndim == 2 else seq_id_T[rows.tok_R[src_S]].reshape(NB, B)
+    x_MCD = jnp.where(filled_N[:, None], x_TD[rows.tok_R[src_N]], 0).reshape(M, C, D)
+    seq_MC = None if mask is None or mask.ndim == 2 else seq_id_T[rows.tok_R[src_N]].reshape(M, C)
     # Stats weights of each slot: (validity, gate weight * validity); empty slots count nothing.
-    w_NB = (jnp.where(filled_S[:, None], jnp.stack([rows.v_R, rows.w_R.astype(_F32) * rows.v_R], 1)[src_S], 0.0)
-            .reshape(NB, B, 2) if collect_stats else None)
-    spans_P2 = jnp.stack([blk_end_P - blocks_P, blk_end_P], axis=1).astype(jnp.int32)  # [first, end) block
+    w_MC = (jnp.where(filled_N[:, None], jnp.stack([rows.v_R, rows.w_R.astype(_F32) * rows.v_R], 1)[src_N], 0.0)
+            .reshape(M, C, 2) if collect_stats else None)
+    spans_E2 = jnp.stack([blk_end_E - blocks_E, blk_end_E], axis=1).astype(jnp.int32)  # [first, end) block
     plans, p0 = [], 0
     for bucket in info.buckets:  # per bucket: its experts' spans, the busy ones first, how many are busy
-        busy = blocks_P[p0:p0 + len(bucket.expert_ids)] > 0
-        plans.append((spans_P2[p0:p0 + len(bucket.expert_ids)], jnp.argsort(~busy, stable=True).astype(jnp.int32),
+        busy = blocks_E[p0:p0 + len(bucket.expert_ids)] > 0
+        plans.append((spans_E2[p0:p0 + len(bucket.expert_ids)], jnp.argsort(~busy, stable=True).astype(jnp.int32),
                       busy.sum().astype(jnp.int32)))
         p0 += len(bucket.expert_ids)
     weights = tuple((w["gate"], w["up"], w["down"]) for w in (experts_params[f"bucket_{b}"]
                                                               for b in range(len(info.buckets))))
     masks = None if mask is None else tuple(_bucket_mask(mask, bucket) for bucket in info.buckets)
 
-    out_NBD, sums = kernels.block_ffn(collect_stats)(weights, masks, x_NBD, tuple(plans), seq_NB, w_NB)
-    out_SD = out_NBD.reshape(NB * B, D)
-    if rows.active_R is not None:  # dropped rows read the zero row appended at slot NB*B
-        out_SD = jnp.concatenate([out_SD, jnp.zeros((1, D), _F32)])
-    out_RD = out_SD[slot_R]
+    out_MCD, sums = kernels.block_ffn(collect_stats)(weights, masks, x_MCD, tuple(plans), seq_MC, w_MC)
+    out_ND = out_MCD.reshape(M * C, D)
+    if rows.active_R is not None:  # dropped rows read the zero row appended at slot M*C
+        out_ND = jnp.concatenate([out_ND, jnp.zeros((1, D), _F32)])
+    out_RD = out_ND[slot_R]
     if not collect_stats:
         return out_RD, None
     pad = lambda a, bucket: jnp.pad(a, ((0, 0), (0, info.F_max - bucket.width)))

@@ -25,11 +25,11 @@ def swiglu(x_ND, gate_DF, up_DF, down_FD, mask_NF=None):
     return h, jnp.dot(h.astype(dt), down_FD, preferred_element_type=_F32)
 
 
-def _rows_mask(mask_b, j, seq_NB, i):
-    """Dims-mask rows for block i of the bucket's expert j: (1, F_b), (B, F_b), or None."""
+def _rows_mask(mask_b, j, seq_MC, i):
+    """Dims-mask rows for block i of the bucket's expert j: (1, F_b), (C, F_b), or None."""
     if mask_b is None:
         return None
-    return mask_b[j][None] if mask_b.ndim == 2 else mask_b[seq_NB[i], j]
+    return mask_b[j][None] if mask_b.ndim == 2 else mask_b[seq_MC[i], j]
 
 
 def block_ffn(collect_stats: bool):
@@ -44,110 +44,110 @@ def block_ffn(collect_stats: bool):
     """
 
     @jax.custom_vjp
-    def ffn(weights, masks, x_NBD, plans, seq_NB, w_NB):
-        out_NBD, sums = jnp.zeros(x_NBD.shape, _F32), []
+    def ffn(weights, masks, x_MCD, plans, seq_MC, w_MC):
+        out_MCD, sums = jnp.zeros(x_MCD.shape, _F32), []
         for b, (gate, up, down) in enumerate(weights):
             mask_b = None if masks is None else masks[b]
-            out_NBD, bucket_sums = _bucket_forward(gate, up, down, mask_b, plans[b], x_NBD, seq_NB, w_NB,
-                                                   out_NBD, collect_stats)
+            out_MCD, bucket_sums = _bucket_forward(gate, up, down, mask_b, plans[b], x_MCD, seq_MC, w_MC,
+                                                   out_MCD, collect_stats)
             sums.append(bucket_sums)
-        return out_NBD, tuple(sums)
+        return out_MCD, tuple(sums)
 
-    def fwd(weights, masks, x_NBD, plans, seq_NB, w_NB):
-        return ffn(weights, masks, x_NBD, plans, seq_NB, w_NB), (weights, masks, x_NBD, plans, seq_NB)
+    def fwd(weights, masks, x_MCD, plans, seq_MC, w_MC):
+        return ffn(weights, masks, x_MCD, plans, seq_MC, w_MC), (weights, masks, x_MCD, plans, seq_MC)
 
     def bwd(res, cts):
-        weights, masks, x_NBD, plans, seq_NB = res
-        dout_NBD = cts[0]  # stats carry no gradient
-        dx_NBD, dweights, dmasks = jnp.zeros(x_NBD.shape, _F32), [], []
+        weights, masks, x_MCD, plans, seq_MC = res
+        dout_MCD = cts[0]  # stats carry no gradient
+        dx_MCD, dweights, dmasks = jnp.zeros(x_MCD.shape, _F32), [], []
         for b, (gate, up, down) in enumerate(weights):
             mask_b = None if masks is None else masks[b]
-            dx_NBD, grads, dmask = _bucket_backward(gate, up, down, mask_b, plans[b], x_NBD, seq_NB, dout_NBD,
-                                                    dx_NBD)
+            dx_MCD, grads, dmask = _bucket_backward(gate, up, down, mask_b, plans[b], x_MCD, seq_MC, dout_MCD,
+                                                    dx_MCD)
             dweights.append(grads)
             dmasks.append(dmask)
         dmasks = None if masks is None else tuple(dmasks)
-        return tuple(dweights), dmasks, dx_NBD.astype(x_NBD.dtype), None, None, None
+        return tuple(dweights), dmasks, dx_MCD.astype(x_MCD.dtype), None, None, None
 
     ffn.defvjp(fwd, bwd)
     return ffn
 
 
-def _bucket_forward(gate, up, down, mask_b, plan, x_NBD, seq_NB, w_NB, out_NBD, collect_stats):
-    """Writes the bucket's blocks into out_NBD; returns it and (abs_EF, wabs_EF) or ()."""
+def _bucket_forward(gate, up, down, mask_b, plan, x_MCD, seq_MC, w_MC, out_MCD, collect_stats):
+    """Writes the bucket's blocks into out_MCD; returns it and (abs_EF, wabs_EF) or ()."""
     spans_E2, busy_E, n_busy = plan
     zero_F = jnp.zeros(gate.shape[2], _F32)
 
     def expert(v, carry):
-        out_NBD, abs_EF, wabs_EF = carry
+        out_MCD, abs_EF, wabs_EF = carry
         j = busy_E[v]
         gate_DF, up_DF, down_FD = gate[j], up[j], down[j]
 
         def block(i, carry):
-            out_NBD, abs_F, wabs_F = carry
-            h_BF, out_BD = swiglu(x_NBD[i], gate_DF, up_DF, down_FD, _rows_mask(mask_b, j, seq_NB, i))
+            out_MCD, abs_F, wabs_F = carry
+            h_CF, out_CD = swiglu(x_MCD[i], gate_DF, up_DF, down_FD, _rows_mask(mask_b, j, seq_MC, i))
             if collect_stats:
-                a_BF = jnp.abs(h_BF)
-                abs_F, wabs_F = abs_F + (a_BF * w_NB[i][:, :1]).sum(0), wabs_F + (a_BF * w_NB[i][:, 1:]).sum(0)
-            return out_NBD.at[i].set(out_BD), abs_F, wabs_F
+                a_CF = jnp.abs(h_CF)
+                abs_F, wabs_F = abs_F + (a_CF * w_MC[i][:, :1]).sum(0), wabs_F + (a_CF * w_MC[i][:, 1:]).sum(0)
+            return out_MCD.at[i].set(out_CD), abs_F, wabs_F
 
-        out_NBD, abs_F, wabs_F = jax.lax.fori_loop(spans_E2[j, 0], spans_E2[j, 1], block,
-                                                   (out_NBD, zero_F, zero_F))
-        return out_NBD, abs_EF.at[j].set(abs_F), wabs_EF.at[j].set(wabs_F)
+        out_MCD, abs_F, wabs_F = jax.lax.fori_loop(spans_E2[j, 0], spans_E2[j, 1], block,
+                                                   (out_MCD, zero_F, zero_F))
+        return out_MCD, abs_EF.at[j].set(abs_F), wabs_EF.at[j].set(wabs_F)
 
     zero_EF = jnp.zeros(gate.shape[::2], _F32)
-    out_NBD, abs_EF, wabs_EF = jax.lax.fori_loop(0, n_busy, expert, (out_NBD, zero_EF, zero_EF))
-    return out_NBD, ((abs_EF, wabs_EF) if collect_stats else ())
+    out_MCD, abs_EF, wabs_EF = jax.lax.fori_loop(0, n_busy, expert, (out_MCD, zero_EF, zero_EF))
+    return out_MCD, ((abs_EF, wabs_EF) if collect_stats else ())
 
 
-def _bucket_backward(gate, up, down, mask_b, plan, x_NBD, seq_NB, dout_NBD, dx_NBD):
-    """Adds the bucket's blocks' input gradients to dx_NBD; returns it, (dgate, dup, ddown), dmask."""
+def _bucket_backward(gate, up, down, mask_b, plan, x_MCD, seq_MC, dout_MCD, dx_MCD):
+    """Adds the bucket's blocks' input gradients to dx_MCD; returns it, (dgate, dup, ddown), dmask."""
     spans_E2, busy_E, n_busy = plan
     dt = gate.dtype
     zeros = lambda a: jnp.zeros(a.shape, _F32)
 
     def expert(v, carry):
-        dx_NBD, dgate, dup, ddown, dmask = carry
+        dx_MCD, dgate, dup, ddown, dmask = carry
         j = busy_E[v]
         gate_DF, up_DF, down_FD = gate[j], up[j], down[j]
 
         def block(i, carry):
-            dx_NBD, dgate_DF, dup_DF, ddown_FD, dmask = carry
-            x_BD, dy_BD = x_NBD[i].astype(dt), dout_NBD[i].astype(dt)
-            g_BF = jnp.dot(x_BD, gate_DF, preferred_element_type=_F32)
-            u_BF = jnp.dot(x_BD, up_DF, preferred_element_type=_F32)
-            sig_BF = jax.nn.sigmoid(g_BF)
-            h_BF = g_BF * sig_BF * u_BF
-            dh_BF = _dot_nt(dy_BD, down_FD)
-            m = _rows_mask(mask_b, j, seq_NB, i)
+            dx_MCD, dgate_DF, dup_DF, ddown_FD, dmask = carry
+            x_CD, dy_CD = x_MCD[i].astype(dt), dout_MCD[i].astype(dt)
+            g_CF = jnp.dot(x_CD, gate_DF, preferred_element_type=_F32)
+            u_CF = jnp.dot(x_CD, up_DF, preferred_element_type=_F32)
+            sig_CF = jax.nn.sigmoid(g_CF)
+            h_CF = g_CF * sig_CF * u_CF
+            dh_CF = _dot_nt(dy_CD, down_FD)
+            m = _rows_mask(mask_b, j, seq_MC, i)
             if m is not None:
-                part_BF = dh_BF * h_BF  # d out / d mask, per row
-                dmask = dmask + part_BF.sum(0) if mask_b.ndim == 2 else dmask.at[seq_NB[i], j].add(part_BF)
-                dh_BF, h_BF = dh_BF * m, h_BF * m
-            du_BF = (dh_BF * g_BF * sig_BF).astype(dt)
-            dg_BF = (dh_BF * u_BF * sig_BF * (1 + g_BF * (1 - sig_BF))).astype(dt)
-            dx_NBD = dx_NBD.at[i].set(_dot_nt(dg_BF, gate_DF) + _dot_nt(du_BF, up_DF))
-            return (dx_NBD, dgate_DF + _dot_tn(x_BD, dg_BF), dup_DF + _dot_tn(x_BD, du_BF),
-                    ddown_FD + _dot_tn(h_BF.astype(dt), dy_BD), dmask)
+                part_CF = dh_CF * h_CF  # d out / d mask, per row
+                dmask = dmask + part_CF.sum(0) if mask_b.ndim == 2 else dmask.at[seq_MC[i], j].add(part_CF)
+                dh_CF, h_CF = dh_CF * m, h_CF * m
+            du_CF = (dh_CF * g_CF * sig_CF).astype(dt)
+            dg_CF = (dh_CF * u_CF * sig_CF * (1 + g_CF * (1 - sig_CF))).astype(dt)
+            dx_MCD = dx_MCD.at[i].set(_dot_nt(dg_CF, gate_DF) + _dot_nt(du_CF, up_DF))
+            return (dx_MCD, dgate_DF + _dot_tn(x_CD, dg_CF), dup_DF + _dot_tn(x_CD, du_CF),
+                    ddown_FD + _dot_tn(h_CF.astype(dt), dy_CD), dmask)
 
         per_expert_mask = mask_b is not None and mask_b.ndim == 2  # accumulate its row locally
-        local = (dx_NBD, zeros(gate_DF), zeros(up_DF), zeros(down_FD),
+        local = (dx_MCD, zeros(gate_DF), zeros(up_DF), zeros(down_FD),
                  zeros(mask_b[0]) if per_expert_mask else dmask)
-        dx_NBD, dg, du, dd, dm = jax.lax.fori_loop(spans_E2[j, 0], spans_E2[j, 1], block, local)
+        dx_MCD, dg, du, dd, dm = jax.lax.fori_loop(spans_E2[j, 0], spans_E2[j, 1], block, local)
         dmask = dmask.at[j].set(dm) if per_expert_mask else dm
-        return dx_NBD, dgate.at[j].set(dg), dup.at[j].set(du), ddown.at[j].set(dd), dmask
+        return dx_MCD, dgate.at[j].set(dg), dup.at[j].set(du), ddown.at[j].set(dd), dmask
 
-    carry = (dx_NBD, zeros(gate), zeros(up), zeros(down), () if mask_b is None else zeros(mask_b))
-    dx_NBD, *grads, dmask = jax.lax.fori_loop(0, n_busy, expert, carry)
+    carry = (dx_MCD, zeros(gate), zeros(up), zeros(down), () if mask_b is None else zeros(mask_b))
+    dx_MCD, *grads, dmask = jax.lax.fori_loop(0, n_busy, expert, carry)
     grads = tuple(g.astype(w.dtype) for g, w in zip(grads, (gate, up, down)))
-    return dx_NBD, grads, None if mask_b is None else dmask.astype(mask_b.dtype)
+    return dx_MCD, grads, None if mask_b is None else dmask.astype(mask_b.dtype)
 
 
-def _dot_tn(a_NK, b_NM):
+def _dot_tn(a, b):
     """a.T @ b with float32 accumulation (contracts the leading axes)."""
-    return jax.lax.dot_general(a_NK, b_NM, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
 
 
-def _dot_nt(a_NK, b_MK):
+def _dot_nt(a, b):
     """a @ b.T with float32 accumulation (contracts the trailing axes)."""
-    return jax.lax.dot_general(a_NK, b_MK, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)

@@ -26,9 +26,26 @@ experts `bucket.expert_ids` (router indices, ascending) at width `bucket.width`;
 narrower than its bucket is zero-padded, and zero gate/up columns with zero down rows add
 exactly nothing. A uniform layer is one bucket without padding.
 
-Masks (inputs, never params), per MoE layer name: {"dims": (E, F_max) or (S, E, F_max),
-"experts": (E,) or (S, E)} with F_max = the layer's widest expert; a leading S axis gives a
+Masks (inputs, never params), per MoE layer name: {"dims": (E, F_max) or (B, E, F_max),
+"experts": (E,) or (B, E)} with F_max = the layer's widest expert; a leading B axis gives a
 mask per sequence (per-sample gradients in one backward pass).
+
+Shape suffixes (`x_BTD`, `gate_DF`) name each axis with one letter, used for one thing
+everywhere in moe_jax:
+
+    B  sequences (a batch's rows; the leading axis of a per-sequence mask)
+    T  token positions (in an MoE layer: the batch's tokens, flattened)
+    S  key/value positions in attention       P  prompt positions when decoding
+    D  model width                            V  vocabulary
+    H  query heads                            G  key/value heads
+    d  query/key head width                   e  value head width, h  rotary half width
+    E  routed experts                         F  expert width (intermediate dims)
+    K  experts chosen per token (top-k)       R  routed rows, one per (token, choice): T*K
+    N  rows of any flat list (sorted rows, rows received from other devices)
+    M  blocks of the blocked dispatch         C  rows per block
+    U  expert groups (group-limited routing)  g  experts per group
+    X  devices on the "expert" mesh axis      L  expert slots per device
+    A digit is a literal size (`spans_E2`: [first, end) per expert; `kept_T1`).
 """
 
 from __future__ import annotations

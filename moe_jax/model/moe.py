@@ -123,19 +123,19 @@ def _limit_to_groups(cfg: ModelConfig, choice_TE: jax.Array) -> jax.Array:
     fully masked group scores -inf.
     """
     T, E = choice_TE.shape
-    G = cfg.n_group
-    grouped_TGN = choice_TE.reshape(T, G, E // G)
+    U = cfg.n_group
+    grouped_TUg = choice_TE.reshape(T, U, E // U)
     if cfg.topk_method == "group_limited_greedy":
-        group_TG = jnp.max(grouped_TGN, axis=-1)
+        group_TU = jnp.max(grouped_TUg, axis=-1)
     elif cfg.topk_method == "noaux_tc":
-        top2_TG2 = jax.lax.top_k(grouped_TGN, min(2, E // G))[0]
-        finite_sum = jnp.where(jnp.isneginf(top2_TG2), 0.0, top2_TG2).sum(-1)
-        group_TG = jnp.where(jnp.isneginf(top2_TG2[..., 0]), -jnp.inf, finite_sum)
+        top2_TU2 = jax.lax.top_k(grouped_TUg, min(2, E // U))[0]
+        finite_sum = jnp.where(jnp.isneginf(top2_TU2), 0.0, top2_TU2).sum(-1)
+        group_TU = jnp.where(jnp.isneginf(top2_TU2[..., 0]), -jnp.inf, finite_sum)
     else:
         raise ValueError(f"topk_method={cfg.topk_method!r} has no group rule")
-    kept_TG = jax.lax.top_k(group_TG, cfg.topk_group)[1]
-    keep_TG = jnp.zeros((T, G), bool).at[jnp.arange(T)[:, None], kept_TG].set(True)
-    return jnp.where(keep_TG[..., None], grouped_TGN, -jnp.inf).reshape(T, E)
+    kept_TU = jax.lax.top_k(group_TU, cfg.topk_group)[1]
+    keep_TU = jnp.zeros((T, U), bool).at[jnp.arange(T)[:, None], kept_TU].set(True)
+    return jnp.where(keep_TU[..., None], grouped_TUg, -jnp.inf).reshape(T, E)
 
 
 def trim(routing: Routing, tau: jax.Array | float = 0.0, top_p: jax.Array | float = 1.0,
@@ -198,7 +198,7 @@ def experts_forward(
       routing: a `Routing`, or `(idx_TK, weights_TK)`. Rows a trimmed routing marks inactive
         (`active_TK` False) are not run by "blocked" (fewer blocks: real work saved); the
         reference paths run them and weight them 0. Either way they count in no statistic.
-      dims_mask: None, (E, F_max), or (S, E, F_max) with `seq_id_T` (T,) naming each token's
+      dims_mask: None, (E, F_max), or (B, E, F_max) with `seq_id_T` (T,) naming each token's
         sequence. It scales the intermediate activations; its gradient is the Fisher signal.
       impl: one of `IMPLS`; "auto" is "blocked".
       collect_stats: also return per-expert sums over the routed (token, expert) pairs:

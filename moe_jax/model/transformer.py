@@ -69,7 +69,7 @@ class _Experts(nn.Module):
 
 
 def _per_token(mask, seq_id_T):
-    """(E,) or (S, E) expert mask -> (T, E) per flattened token."""
+    """(E,) or (B, E) expert mask -> (T, E) per flattened token."""
     if mask is None:
         return None
     return mask[seq_id_T] if mask.ndim == 2 else jnp.broadcast_to(mask, (seq_id_T.shape[0],) + mask.shape)

@@ -201,12 +201,12 @@ def path_priority(cfg: ModelConfig, scores: Scores, settings: PathfinderSettings
     take = slice(None) if not settings.max_sequences else slice(0, settings.max_sequences)
     out = []
     for lyr, v in zip(cfg.moe_layers, visits):
-        recon_SE = np.asarray(scores["seq_recon_routed"][cfg.layer_name(lyr)], np.float64)[take]
+        recon_BE = np.asarray(scores["seq_recon_routed"][cfg.layer_name(lyr)], np.float64)[take]
         if settings.layer_scale == "expert":  # the sequence's mean cost of one use of e (0 where it never used e)
-            count_SE = np.asarray(scores["seq_count"][cfg.layer_name(lyr)], np.float64)[take]
-            out.append((v * recon_SE / np.maximum(count_SE, 1.0)).sum(0))
+            count_BE = np.asarray(scores["seq_count"][cfg.layer_name(lyr)], np.float64)[take]
+            out.append((v * recon_BE / np.maximum(count_BE, 1.0)).sum(0))
         else:
-            out.append(recon_SE.sum(-1) @ v)
+            out.append(recon_BE.sum(-1) @ v)
     return out
 
 

@@ -185,16 +185,16 @@ def reachability(cfg: ModelConfig, params, tokenizer, prompts: Sequence[Sequence
         for _ in range(steps):
             g_BTD = np.asarray(_grad_objective(cfg, params, jnp.asarray(rows.tokens_BT), jnp.asarray(rows.attn_BT),
                                                jnp.asarray(score), jnp.asarray(zero), targets, masks))
-            token_grad_SV = g_BTD[:, -suffix_len:].sum(0) @ embedding.T  # first-order gain of each swap
-            token_grad_SV[:, list(_special(tokenizer))] = -np.inf
-            top_SK = np.argsort(-token_grad_SV, axis=1)[:, :topk_tokens]
+            swap_gain = g_BTD[:, -suffix_len:].sum(0) @ embedding.T  # (suffix_len, V): first-order gain of each swap
+            swap_gain[:, list(_special(tokenizer))] = -np.inf
+            top_swaps = np.argsort(-swap_gain, axis=1)[:, :topk_tokens]
             cands = []
             for _ in range(candidates):
                 j = int(rng.integers(suffix_len))
                 new = list(suffix)
-                new[j] = int(top_SK[j, rng.integers(topk_tokens)])
+                new[j] = int(top_swaps[j, rng.integers(topk_tokens)])
                 cands.append(new)
-            tok = np.repeat(rows.tokens_BT[None], candidates, 0)  # (C, P, W): swap the suffix columns
+            tok = np.repeat(rows.tokens_BT[None], candidates, 0)  # (candidates, prompts, width): new suffixes
             tok[:, :, -suffix_len:] = np.asarray(cands)[:, None, :]
             batch = R.Rows(tok.reshape(candidates * P, -1), np.tile(rows.attn_BT, (candidates, 1)),
                            np.tile(rows.prompt_start_B, candidates), np.tile(rows.prompt_len_B, candidates),
