@@ -177,7 +177,6 @@ def random_hf_checkpoint(out_dir, family: str = "qwen2_moe", **overrides):
     return out_dir
 
 
-
 # ---------------------------------------------------------------- key-map checkpoints (test_hf_load, test_hf_save,
 # test_hf_bad_checkpoints): one tiny random checkpoint per variant of the key map the loader must read (MLA with
 # and without q LoRA, group-limited routing, dense layers between MoE ones, tied embeddings, attention biases),
