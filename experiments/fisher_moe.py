@@ -45,7 +45,7 @@ from moe_jax.data import skills
 from moe_jax.model import transformer
 from moe_jax.reporting import fmt
 from moe_jax.reproduction import results_page
-from moe_jax.scoring.collect import _score_step, calibration_rows, micro_batches
+from moe_jax.scoring.collect import calibration_rows, micro_batches, score_step
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -84,7 +84,7 @@ def scoring_cost(cfg, params, batch, micro_batch_size: int, repeats: int = 5) ->
         return jax.grad(loss)(params)
 
     # The same static arguments as `scoring.collect` passes (defaults too): the step it compiled is reused.
-    fisher = lambda: _score_step(cfg, params, chunk, want_grad=True, want_acts=True, impl="auto",  # noqa: E731
+    fisher = lambda: score_step(cfg, params, chunk, want_grad=True, want_acts=True, impl="auto",  # noqa: E731
                                  want_traj=False, want_dense=False)
     base = lambda: plain(params, chunk)  # noqa: E731
     seconds = timing.round_robin_seconds({"fisher": (fisher, ()), "plain": (base, ())}, repeats)  # drift hits both

@@ -7,7 +7,7 @@ travel in config.json under ``moe_jax``, through the remote code in ``remote_cod
 trust_remote_code=True) and that `load_pretrained` reads back.
 
 Why it is built this way:
-- One key map (`_FAMILY_NAMES`, `_LAYER_KEYS`) says where every tensor of every family lives;
+- One key map (`keymap.FAMILY_NAMES`, `keymap._LAYER_KEYS`) says where every tensor of every family lives;
   which rows a layer uses follows from the config, so loading and saving cannot disagree.
 - Every key, shape and dtype is checked from the safetensors headers before any tensor data
   is read, so a bad checkpoint fails fast, with the key, file and shapes named.
@@ -29,5 +29,5 @@ from moe_jax.hf.keymap import (  # noqa: F401
     expected_param_shapes,
     hf_key_map,
 )
-from moe_jax.hf.load import _set, load_pretrained, load_tokenizer  # noqa: F401
+from moe_jax.hf.load import load_pretrained, load_tokenizer  # noqa: F401
 from moe_jax.hf.save import save_pretrained  # noqa: F401

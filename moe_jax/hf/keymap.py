@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import ml_dtypes
@@ -24,7 +24,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 TOKENIZER_NAME = "tokenizer.json"
-_LIST_LIMIT = 20
+LIST_LIMIT = 20
 
 
 class CheckpointError(ValueError):
@@ -45,7 +45,7 @@ class _FamilyNames:
     alt_moe: tuple[str, ...] = ()  # other MoE block names accepted on load
 
 
-_FAMILY_NAMES = {
+FAMILY_NAMES = {
     # transformers 5 renames Mixtral's block_sparse_moe to mlp in memory; fused checkpoints
     # saved from memory use that name.
     "mixtral": _FamilyNames("block_sparse_moe", ("w1", "w3", "w2"), alt_moe=("mlp",)),
@@ -57,7 +57,7 @@ _FAMILY_NAMES = {
 }
 
 # Our module under layer_{i} -> HF module under model.layers.{i} ("{moe}"/"{shared}" come from
-# _FAMILY_NAMES). `_layer_modules` decides which rows a layer has, and their shapes.
+# FAMILY_NAMES). `_layer_modules` decides which rows a layer has, and their shapes.
 _LAYER_KEYS = {
     "input_norm": "input_layernorm",
     "post_attn_norm": "post_attention_layernorm",
@@ -85,12 +85,12 @@ _LAYER_KEYS = {
 }
 _TOP_KEYS = {"embed": "model.embed_tokens", "final_norm": "model.norm", "lm_head": "lm_head"}
 _EXPERT_KEY = "model.layers.{i}.{moe}.experts.{e}.{proj}.weight"
-_FUSED_GATE_UP = "model.layers.{i}.{moe}.experts.gate_up_proj"  # (E, 2F, D), gate rows first
-_FUSED_DOWN = "model.layers.{i}.{moe}.experts.down_proj"  # (E, D, F)
-_PARTS = ("gate", "up", "down")
+FUSED_GATE_UP = "model.layers.{i}.{moe}.experts.gate_up_proj"  # (E, 2F, D), gate rows first
+FUSED_DOWN = "model.layers.{i}.{moe}.experts.down_proj"  # (E, D, F)
+PARTS = ("gate", "up", "down")
 _FLOAT32_MODULES = ("moe/router", "moe/score_bias")
-_IGNORED_KEY = re.compile(r"\.rotary_emb\.inv_freq$")
-_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+IGNORED_KEY = re.compile(r"\.rotary_emb\.inv_freq$")
+LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +104,7 @@ class _Module:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Tensor:
+class Tensor:
     """One HF tensor and where it goes in our tree."""
 
     hf_key: str
@@ -175,29 +175,29 @@ def _layer_modules(cfg: ModelConfig, layer: int) -> list[_Module]:
     return norms + _attn_modules(cfg) + _ffn_modules(cfg, layer)
 
 
-def _module_tensors(mod: _Module, hf_module: str, path: Path_) -> list[_Tensor]:
+def _module_tensors(mod: _Module, hf_module: str, path: Path_) -> list[Tensor]:
     f32 = mod.name in _FLOAT32_MODULES
     if mod.kind == "linear":
-        out = [_Tensor(f"{hf_module}.weight", path + ("kernel",), mod.hf_shape, True, f32)]
+        out = [Tensor(f"{hf_module}.weight", path + ("kernel",), mod.hf_shape, True, f32)]
         if mod.bias:
-            out.append(_Tensor(f"{hf_module}.bias", path + ("bias",), mod.hf_shape[:1], False, f32))
+            out.append(Tensor(f"{hf_module}.bias", path + ("bias",), mod.hf_shape[:1], False, f32))
         return out
     if mod.kind == "norm":
-        return [_Tensor(f"{hf_module}.weight", path + ("scale",), mod.hf_shape, False)]
+        return [Tensor(f"{hf_module}.weight", path + ("scale",), mod.hf_shape, False)]
     if mod.kind == "embed":
-        return [_Tensor(f"{hf_module}.weight", path + ("embedding",), mod.hf_shape, False)]
-    return [_Tensor(hf_module, path, mod.hf_shape, False, f32)]  # "vector": the key is the tensor
+        return [Tensor(f"{hf_module}.weight", path + ("embedding",), mod.hf_shape, False)]
+    return [Tensor(hf_module, path, mod.hf_shape, False, f32)]  # "vector": the key is the tensor
 
 
 def _moe_block(cfg: ModelConfig, moe_names: Mapping[int, str] | None, layer: int) -> str:
     if moe_names and layer in moe_names:
         return moe_names[layer]
-    return _FAMILY_NAMES[cfg.model_type].moe
+    return FAMILY_NAMES[cfg.model_type].moe
 
 
-def _tensors(cfg: ModelConfig, moe_names: Mapping[int, str] | None = None) -> list[_Tensor]:
+def tensors(cfg: ModelConfig, moe_names: Mapping[int, str] | None = None) -> list[Tensor]:
     """Every tensor except the routed experts, in tree order."""
-    fam = _FAMILY_NAMES[cfg.model_type]
+    fam = FAMILY_NAMES[cfg.model_type]
     d, v = cfg.hidden_size, cfg.vocab_size
     out = _module_tensors(_Module("embed", "embed", (v, d)), _TOP_KEYS["embed"], ("embed",))
     for i in range(cfg.num_layers):
@@ -211,14 +211,14 @@ def _tensors(cfg: ModelConfig, moe_names: Mapping[int, str] | None = None) -> li
     return out
 
 
-def _expert_keys(cfg: ModelConfig, layer: int, expert: int, moe: str | None = None) -> dict[str, tuple]:
+def expert_keys(cfg: ModelConfig, layer: int, expert: int, moe: str | None = None) -> dict[str, tuple]:
     """{part: (HF key, HF shape)} of one routed expert, at its own width."""
-    fam = _FAMILY_NAMES[cfg.model_type]
+    fam = FAMILY_NAMES[cfg.model_type]
     d, f = cfg.hidden_size, cfg.expert_widths[layer][expert]
     shapes = {"gate": (f, d), "up": (f, d), "down": (d, f)}
     return {
         part: (_EXPERT_KEY.format(i=layer, moe=moe or fam.moe, e=expert, proj=proj), shapes[part])
-        for part, proj in zip(_PARTS, fam.expert_proj)
+        for part, proj in zip(PARTS, fam.expert_proj)
     }
 
 
@@ -233,7 +233,7 @@ def _bucket_shapes(cfg: ModelConfig, layer: int) -> dict[Path_, tuple[int, ...]]
 
 def expected_param_shapes(cfg: ModelConfig) -> dict[Path_, tuple[int, ...]]:
     """Every leaf path of the params tree `cfg` describes, with its shape (layout.py's tree)."""
-    shapes = {t.path: t.shape for t in _tensors(cfg)}
+    shapes = {t.path: t.shape for t in tensors(cfg)}
     for i in cfg.moe_layers:
         shapes.update(_bucket_shapes(cfg, i))
     return shapes
@@ -245,12 +245,12 @@ def hf_key_map(cfg: ModelConfig) -> dict[str, Path_ | tuple[Path_, int, str]]:
     Routed experts map to (bucket path, row in bucket, part); the value sits in the bucket's
     row at its own width (the rest is padding).
     """
-    out: dict[str, Any] = {t.hf_key: t.path for t in _tensors(cfg)}
+    out: dict[str, Any] = {t.hf_key: t.path for t in tensors(cfg)}
     for i in cfg.moe_layers:
         for b, bucket in enumerate(cfg.expert_buckets(i)):
             base = (cfg.layer_name(i), "moe", "experts", f"bucket_{b}")
             for j, e in enumerate(bucket.expert_ids):
-                for part, (key, _) in _expert_keys(cfg, i, e).items():
+                for part, (key, _) in expert_keys(cfg, i, e).items():
                     out[key] = (base + (part,), j, part)
     return out
 
@@ -262,10 +262,10 @@ _FLOAT_DTYPES = {
     "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "float16": np.dtype(np.float16), "float64": np.dtype(np.float64),
 }
-_FILE_DTYPES = {"F32", "BF16", "F16", "F64"}
+FILE_DTYPES = {"F32", "BF16", "F16", "F64"}
 
 
-def _as_dtype(dtype: Any) -> np.dtype:
+def as_dtype(dtype: Any) -> np.dtype:
     """numpy dtype of `dtype` given as a string, numpy/ml_dtypes/jax dtype or scalar type."""
     try:
         name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
@@ -278,3 +278,13 @@ def _as_dtype(dtype: Any) -> np.dtype:
     return _FLOAT_DTYPES[name]
 
 
+def short_list(items: Iterable[str], limit: int = LIST_LIMIT) -> str:
+    """`items` sorted, at most `limit` of them shown, for error messages."""
+    items = sorted(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def convert(arr: np.ndarray, transpose: bool, dtype: np.dtype) -> np.ndarray:
+    """A C-contiguous copy in `dtype`, transposed if asked, in one pass."""
+    return (arr.T if transpose else arr).astype(dtype, order="C")

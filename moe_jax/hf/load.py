@@ -16,15 +16,8 @@ from safetensors import safe_open
 
 from moe_jax import hf_config
 from moe_jax.config import ModelConfig
-from moe_jax.hf.keymap import (  # noqa: F401
-    _FAMILY_NAMES,
-    _FILE_DTYPES,
-    _FUSED_DOWN,
-    _FUSED_GATE_UP,
-    _IGNORED_KEY,
-    _LAYER_INDEX,
-    _LIST_LIMIT,
-    _PARTS,
+from moe_jax.hf import keymap
+from moe_jax.hf.keymap import (
     CONFIG_NAME,
     INDEX_NAME,
     TOKENIZER_NAME,
@@ -33,10 +26,6 @@ from moe_jax.hf.keymap import (  # noqa: F401
     Params,
     Path_,
     Placer,
-    _as_dtype,
-    _expert_keys,
-    _Tensor,
-    _tensors,
 )
 
 log = logging.getLogger(__name__)
@@ -56,12 +45,6 @@ def _read_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
     if not isinstance(hf, dict):
         raise CheckpointError(f"{file}: expected a JSON object, found {type(hf).__name__}")
     return hf_config.from_hf(hf, source=str(file)), hf
-
-
-def _names(items: Iterable[str], limit: int = _LIST_LIMIT) -> str:
-    items = sorted(items)
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 _FILE_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
@@ -108,7 +91,7 @@ class _Checkpoint:
             absent = [k for k, f in weight_map.items() if f == name and k not in held]
             if absent:
                 raise CheckpointError(f"{index} names {len(absent)} tensor(s) in {self.path / name} that "
-                                      f"the file does not hold: {_names(absent)}")
+                                      f"the file does not hold: {keymap.short_list(absent)}")
         return dict(weight_map)
 
     def keys(self) -> set[str]:
@@ -138,13 +121,13 @@ class _Checkpoint:
 class _Plan:
     """What to read: the non-expert tensors and, per MoE layer, where its experts live."""
 
-    tensors: list[_Tensor]
+    tensors: list[keymap.Tensor]
     moe_names: dict[int, str]
     fused: dict[int, bool]
 
 
 def _choose_moe_names(cfg: ModelConfig, keys: set[str]) -> dict[int, str]:
-    fam = _FAMILY_NAMES[cfg.model_type]
+    fam = keymap.FAMILY_NAMES[cfg.model_type]
     names = {}
     for i in cfg.moe_layers:
         names[i] = next((m for m in (fam.moe,) + fam.alt_moe if f"model.layers.{i}.{m}.gate.weight" in keys),
@@ -158,7 +141,7 @@ def _expected_experts(cfg: ModelConfig, plan: _Plan) -> dict[str, tuple[int, ...
     d = cfg.hidden_size
     for i in cfg.moe_layers:
         moe = plan.moe_names[i]
-        gate_up = _FUSED_GATE_UP.format(i=i, moe=moe)
+        gate_up = keymap.FUSED_GATE_UP.format(i=i, moe=moe)
         widths = cfg.expert_widths[i]
         if plan.fused[i]:
             if len(set(widths)) != 1:
@@ -166,15 +149,15 @@ def _expected_experts(cfg: ModelConfig, plan: _Plan) -> dict[str, tuple[int, ...
                                       f"layer {i} experts of widths {sorted(set(widths))}")
             e, f = len(widths), widths[0]
             expected[gate_up] = (e, 2 * f, d)
-            expected[_FUSED_DOWN.format(i=i, moe=moe)] = (e, d, f)
+            expected[keymap.FUSED_DOWN.format(i=i, moe=moe)] = (e, d, f)
         else:
             for e in range(len(widths)):
-                expected.update(dict(_expert_keys(cfg, i, e, moe).values()))
+                expected.update(dict(keymap.expert_keys(cfg, i, e, moe).values()))
     return expected
 
 
 def _ignorable(cfg: ModelConfig, key: str) -> bool:
-    if _IGNORED_KEY.search(key):
+    if keymap.IGNORED_KEY.search(key):
         return True
     if cfg.tie_word_embeddings and key == "lm_head.weight":
         return True
@@ -185,7 +168,7 @@ def _mtp_keys(cfg: ModelConfig, keys: Iterable[str]) -> list[str]:
     """Keys of layers past num_hidden_layers (DeepSeek-V3 multi-token-prediction layers)."""
     out = []
     for key in keys:
-        m = _LAYER_INDEX.match(key)
+        m = keymap.LAYER_INDEX.match(key)
         if m and int(m.group(1)) >= cfg.num_layers:
             out.append(key)
     return out
@@ -195,8 +178,8 @@ def _plan(cfg: ModelConfig, ckpt: _Checkpoint, strict: bool) -> _Plan:
     """Checks names, shapes and dtypes against the config from headers alone, then says what to read."""
     keys = ckpt.keys()
     moe_names = _choose_moe_names(cfg, keys)
-    fused = {i: _FUSED_GATE_UP.format(i=i, moe=moe_names[i]) in keys for i in cfg.moe_layers}
-    plan = _Plan(_tensors(cfg, moe_names), moe_names, fused)
+    fused = {i: keymap.FUSED_GATE_UP.format(i=i, moe=moe_names[i]) in keys for i in cfg.moe_layers}
+    plan = _Plan(keymap.tensors(cfg, moe_names), moe_names, fused)
     expected = {t.hf_key: t.hf_shape for t in plan.tensors}
     expected.update(_expected_experts(cfg, plan))
 
@@ -208,32 +191,27 @@ def _plan(cfg: ModelConfig, ckpt: _Checkpoint, strict: bool) -> _Plan:
     unused = sorted(keys - set(expected) - set(mtp) - {k for k in keys if _ignorable(cfg, k)})
     problems = []
     if missing:
-        problems.append(f"{len(missing)} weight(s) missing: {_names(missing)}")
+        problems.append(f"{len(missing)} weight(s) missing: {keymap.short_list(missing)}")
     if unused and strict:
         problems.append(f"{len(unused)} weight(s) in the checkpoint not used by the config "
-                        f"(strict=True): {_names(unused)}")
+                        f"(strict=True): {keymap.short_list(unused)}")
     if problems:
         raise CheckpointError(f"{ckpt.path}: " + "; ".join(problems))
     if unused:
-        log.warning("%s: ignoring %d unused weight(s): %s", ckpt.path, len(unused), _names(unused))
+        log.warning("%s: ignoring %d unused weight(s): %s", ckpt.path, len(unused), keymap.short_list(unused))
 
     bad = []
     for key, shape in expected.items():
         found = ckpt.shape(key)
         if found != tuple(shape):
             bad.append(f"{key} in {ckpt.where(key).name} has shape {found}, expected {tuple(shape)}")
-        elif ckpt.dtype(key) not in _FILE_DTYPES:
+        elif ckpt.dtype(key) not in keymap.FILE_DTYPES:
             bad.append(f"{key} in {ckpt.where(key).name} has dtype {ckpt.dtype(key)}, expected one of "
-                       f"{sorted(_FILE_DTYPES)} (quantised checkpoints are not supported)")
+                       f"{sorted(keymap.FILE_DTYPES)} (quantised checkpoints are not supported)")
     if bad:
         raise CheckpointError(f"{ckpt.path}: {len(bad)} tensor(s) do not match the config: "
-                              + "; ".join(bad[:_LIST_LIMIT]) + (" ..." if len(bad) > _LIST_LIMIT else ""))
+                              + "; ".join(bad[:keymap.LIST_LIMIT]) + (" ..." if len(bad) > keymap.LIST_LIMIT else ""))
     return plan
-
-
-def _convert(arr: np.ndarray, transpose: bool, dtype: np.dtype) -> np.ndarray:
-    """A C-contiguous copy in `dtype`, transposed if asked, in one pass."""
-    return (arr.T if transpose else arr).astype(dtype, order="C")
 
 
 def _set(tree: Params, path: Path_, value: Any) -> None:
@@ -247,17 +225,17 @@ def _read_experts(cfg: ModelConfig, ckpt: _Checkpoint, plan: _Plan, layer: int,
     """Each bucket array of a layer, filled expert by expert in place (zero beyond a width)."""
     moe, d = plan.moe_names[layer], cfg.hidden_size
     for b, bucket in enumerate(cfg.expert_buckets(layer)):
-        for part in _PARTS:
+        for part in keymap.PARTS:
             n, fb = len(bucket.expert_ids), bucket.width
             out = np.zeros((n, fb, d) if part == "down" else (n, d, fb), dtype)
             for j, e in enumerate(bucket.expert_ids):
                 f = cfg.expert_widths[layer][e]
                 if not plan.fused[layer]:
-                    w = ckpt.get(_expert_keys(cfg, layer, e, moe)[part][0])  # (F, D) or down (D, F)
+                    w = ckpt.get(keymap.expert_keys(cfg, layer, e, moe)[part][0])  # (F, D) or down (D, F)
                 elif part == "down":
-                    w = ckpt.get_row(_FUSED_DOWN.format(i=layer, moe=moe), e)  # (D, F)
+                    w = ckpt.get_row(keymap.FUSED_DOWN.format(i=layer, moe=moe), e)  # (D, F)
                 else:
-                    w = ckpt.get_row(_FUSED_GATE_UP.format(i=layer, moe=moe), e)  # (2F, D)
+                    w = ckpt.get_row(keymap.FUSED_GATE_UP.format(i=layer, moe=moe), e)  # (2F, D)
                     w = w[:f] if part == "gate" else w[f:]
                 if part == "down":
                     out[j, :f, :] = w.T
@@ -302,9 +280,9 @@ def load_pretrained(
         if not dtype:  # the checkpoint's own: that of its embedding
             embed = "model.embed_tokens.weight"
             dtype = _FILE_DTYPE_NAMES.get(ckpt.dtype(embed) if embed in ckpt.keys() else "", "float32")
-        target = _as_dtype(dtype)
+        target = keymap.as_dtype(dtype)
         for t in plan.tensors:
-            arr = _convert(ckpt.get(t.hf_key), t.transpose, np.dtype(np.float32) if t.float32 else target)
+            arr = keymap.convert(ckpt.get(t.hf_key), t.transpose, np.dtype(np.float32) if t.float32 else target)
             _set(params, t.path, place(t.path, arr))
             del arr
         for i in cfg.moe_layers:

@@ -19,20 +19,16 @@ from safetensors.numpy import save_file
 
 from moe_jax import hf_config, multihost
 from moe_jax.config import ModelConfig
-from moe_jax.hf.keymap import (  # noqa: F401
-    _LIST_LIMIT,
+from moe_jax.hf import keymap
+from moe_jax.hf.keymap import (
     CONFIG_NAME,
     INDEX_NAME,
     WEIGHTS_NAME,
     CheckpointError,
     Params,
     Path_,
-    _as_dtype,
-    _expert_keys,
-    _tensors,
     expected_param_shapes,
 )
-from moe_jax.hf.load import _convert, _names, load_pretrained  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +72,11 @@ def _check_params(cfg: ModelConfig, params: Params) -> dict[Path_, Any]:
              for p, s in expected.items() if p in leaves and tuple(np.shape(leaves[p])) != s]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} param(s) missing: {_names(missing)}")
+        problems.append(f"{len(missing)} param(s) missing: {keymap.short_list(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} param(s) the config does not describe: {_names(unexpected)}")
+        problems.append(f"{len(unexpected)} param(s) the config does not describe: {keymap.short_list(unexpected)}")
     if wrong:
-        problems.append(f"{len(wrong)} param(s) with the wrong shape: " + "; ".join(wrong[:_LIST_LIMIT]))
+        problems.append(f"{len(wrong)} param(s) with the wrong shape: " + "; ".join(wrong[:keymap.LIST_LIMIT]))
     if problems:
         raise CheckpointError("params do not match the config: " + "; ".join(problems))
     return leaves
@@ -91,7 +87,7 @@ def _dtype_of(leaf: Any) -> np.dtype:
 
 
 def _to_hf(leaf: Any, transpose: bool, dtype: np.dtype) -> np.ndarray:
-    return _convert(np.asarray(leaf), transpose, dtype)
+    return keymap.convert(np.asarray(leaf), transpose, dtype)
 
 
 def _expert_part(leaf: Any, row: int, width: int, part: str, dtype: np.dtype, key: str) -> np.ndarray:
@@ -101,7 +97,7 @@ def _expert_part(leaf: Any, row: int, width: int, part: str, dtype: np.dtype, ke
     if pad.size and np.any(pad != 0):
         raise CheckpointError(f"{key}: the bucket holds non-zero values beyond the expert's width "
                               f"{width}; the config's expert_widths do not match the params")
-    return _convert(keep, True, dtype)
+    return keymap.convert(keep, True, dtype)
 
 
 def _outputs(cfg: ModelConfig, leaves: dict[Path_, Any], dtype: np.dtype | None) -> list[_Out]:
@@ -115,7 +111,7 @@ def _outputs(cfg: ModelConfig, leaves: dict[Path_, Any], dtype: np.dtype | None)
         return dtype
 
     groups: dict[str, list[_Out]] = {}
-    for t in _tensors(cfg):
+    for t in keymap.tensors(cfg):
         leaf, d = leaves[t.path], out_dtype(leaves[t.path], t.path)
         make = functools.partial(_to_hf, leaf, t.transpose, d)
         groups.setdefault(t.path[0], []).append(_Out(t.hf_key, t.hf_shape, d, make))
@@ -124,7 +120,7 @@ def _outputs(cfg: ModelConfig, leaves: dict[Path_, Any], dtype: np.dtype | None)
             base = (cfg.layer_name(i), "moe", "experts", f"bucket_{b}")
             for j, e in enumerate(bucket.expert_ids):
                 width = cfg.expert_widths[i][e]
-                for part, (key, shape) in _expert_keys(cfg, i, e).items():
+                for part, (key, shape) in keymap.expert_keys(cfg, i, e).items():
                     leaf = leaves[base + (part,)]
                     d = out_dtype(leaf, base + (part,))
                     make = functools.partial(_expert_part, leaf, j, width, part, d, key)
@@ -191,7 +187,7 @@ def save_pretrained(
     out = Path(out_dir)
     hf_cfg = hf_config.to_hf(cfg)  # ConfigError for configs no config.json can express
     leaves = {path: multihost.gathered(leaf) for path, leaf in _check_params(cfg, params).items()}
-    target = _as_dtype(dtype) if dtype is not None else None
+    target = keymap.as_dtype(dtype) if dtype is not None else None
     if max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     extras = [Path(f) for f in extra_files]

@@ -46,9 +46,9 @@ log = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 Batch = Mapping[str, np.ndarray] | np.ndarray
-_GRAD_STATS = ("fisher", "grad_abs")
-_ACT_STATS = ("activation", "router_weighted", "routing")
-_TRAJ_STATS = ("trajectory", "recon_dense")
+GRAD_STATS = ("fisher", "grad_abs")
+ACT_STATS = ("activation", "router_weighted", "routing")
+TRAJ_STATS = ("trajectory", "recon_dense")
 _STATE_VERSION = 1
 
 
@@ -101,7 +101,7 @@ def _ones_masks(cfg: ModelConfig, batch_size: int) -> dict[str, dict[str, jax.Ar
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "want_grad", "want_acts", "want_traj", "want_dense", "impl"))
-def _score_step(cfg: ModelConfig, params: Params, rows, *, want_grad: bool, want_acts: bool, impl: str,
+def score_step(cfg: ModelConfig, params: Params, rows, *, want_grad: bool, want_acts: bool, impl: str,
                 want_traj: bool = False, want_dense: bool = False):
     """Sums over one micro-batch: {stat: {layer: array}}, token and sequence counts, and
     per-sequence arrays {stat: {layer: (B, E)}} (trajectory statistics only)."""
@@ -162,7 +162,7 @@ def _score_step(cfg: ModelConfig, params: Params, rows, *, want_grad: bool, want
 
 
 # ============================================================================ state
-class _State:
+class ScoreState:
     """Host accumulators (float64) and progress; saved and restored as one .npz."""
 
     def __init__(self, fingerprint: str, sample_cap: int = 0):
@@ -207,7 +207,7 @@ class _State:
         atomic_write(path, buf.getvalue())
 
     @classmethod
-    def restore(cls, path: Path, fingerprint: str, sample_cap: int = 0) -> _State:
+    def restore(cls, path: Path, fingerprint: str, sample_cap: int = 0) -> ScoreState:
         try:
             with np.load(path) as z:
                 header = json.loads(bytes(z["__header__"]).decode())
@@ -297,25 +297,25 @@ def collect(cfg: ModelConfig, params: Params, batches: Iterable[Batch], statisti
         raise ScoringError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if not cfg.moe_layers:
         raise ScoringError(f"model {cfg.model_type} has no MoE layers to score")
-    want_grad = any(s in statistics for s in _GRAD_STATS)
-    want_acts = any(s in statistics for s in _ACT_STATS)
-    want_traj = any(s in statistics for s in _TRAJ_STATS)
+    want_grad = any(s in statistics for s in GRAD_STATS)
+    want_acts = any(s in statistics for s in ACT_STATS)
+    want_traj = any(s in statistics for s in TRAJ_STATS)
     want_dense = "recon_dense" in statistics
     fingerprint = _fingerprint(cfg, params, statistics, micro_batch_size, seed, data_id)
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     cap = sample_tokens if want_traj else 0
-    state = _State.restore(ckpt, fingerprint, cap) if ckpt and ckpt.exists() else _State(fingerprint, cap)
+    state = ScoreState.restore(ckpt, fingerprint, cap) if ckpt and ckpt.exists() else ScoreState(fingerprint, cap)
     if state.batches_done:
         log.info("scoring: resuming from %s after %d batches", ckpt, state.batches_done)
 
     if want_grad or want_acts or want_traj:
-        bar = _progress(total, state.batches_done, progress)
+        bar = progress_bar(total, state.batches_done, progress)
         for index, batch in enumerate(batches):
             if index < state.batches_done:
                 continue
             for chunk in micro_batches(calibration_rows(batch), micro_batch_size):
                 chunk = chunk if place_batch is None else place_batch(chunk)
-                state.add(*_score_step(cfg, params, chunk, want_grad=want_grad, want_acts=want_acts, impl=impl,
+                state.add(*score_step(cfg, params, chunk, want_grad=want_grad, want_acts=want_acts, impl=impl,
                                        want_traj=want_traj, want_dense=want_dense))
             state.batches_done = index + 1
             bar.update(1)
@@ -327,16 +327,18 @@ def collect(cfg: ModelConfig, params: Params, batches: Iterable[Batch], statisti
         if state.num_tokens == 0 or (want_grad and state.num_sequences == 0):
             raise ScoringError("no calibration tokens: the batches were empty or every loss weight was 0 "
                                f"({state.batches_done} batches seen); give batches with real tokens")
-    return _finish(cfg, params, state, statistics, seed)
+    return finish_scores(cfg, params, state, statistics, seed)
 
 
-def _progress(total, initial, enabled):
+def progress_bar(total, initial, enabled):
+    """The scoring progress bar (tqdm), shown only when `enabled`."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="scoring", unit="batch", disable=not enabled)
 
 
-def _finish(cfg: ModelConfig, params: Params, state: _State, statistics: Sequence[str], seed: int) -> Scores:
+def finish_scores(cfg: ModelConfig, params: Params, state: ScoreState, statistics: Sequence[str], seed: int) -> Scores:
+    """`Scores` from the accumulated sums of `state` (shared by `collect` and `collect_layerwise`)."""
     widths = {cfg.layer_name(i): tuple(cfg.expert_widths[i]) for i in cfg.moe_layers}
     real = {cfg.layer_name(i): np.arange(cfg.max_width(i))[None, :] < np.array(cfg.expert_widths[i])[:, None]
             for i in cfg.moe_layers}
@@ -365,7 +367,7 @@ def _finish(cfg: ModelConfig, params: Params, state: _State, statistics: Sequenc
         values["expert_prob_mass"] = {lyr: sums["prob_mass"][lyr] for lyr in widths}
         values["expert_reap"] = {lyr: sums["weighted_out_norm_sum"][lyr] / np.maximum(sums["count"][lyr], 1.0)
                                  for lyr in widths}
-    if any(s in statistics for s in _TRAJ_STATS):
+    if any(s in statistics for s in TRAJ_STATS):
         count = {lyr: np.maximum(sums["count_traj"][lyr], 1.0) for lyr in widths}
         values["expert_recon_routed"] = {lyr: sums["recon_routed_sum"][lyr] / count[lyr] for lyr in widths}
         values["transitions"] = dict(sums.get("transitions", {}))

@@ -35,16 +35,16 @@ from moe_jax.model import transformer
 from moe_jax.model.attention import RMSNorm, rope_cos_sin
 from moe_jax.scoring import trajectory
 from moe_jax.scoring.collect import (
-    _ACT_STATS,
-    _GRAD_STATS,
-    _TRAJ_STATS,
+    ACT_STATS,
+    GRAD_STATS,
+    TRAJ_STATS,
     Batch,
     Params,
-    _finish,
-    _progress,
-    _State,
+    ScoreState,
     calibration_rows,
+    finish_scores,
     micro_batches,
+    progress_bar,
 )
 from moe_jax.scoring.statistics import STATISTICS, Scores, ScoringError
 
@@ -182,13 +182,13 @@ def collect_layerwise(cfg: ModelConfig, params: Params, batches: Iterable[Batch]
     """
     statistics = tuple(dict.fromkeys(statistics))
     _check(cfg, params, statistics, micro_batch_size)
-    want_grad = any(s in statistics for s in _GRAD_STATS)
-    want_acts = any(s in statistics for s in _ACT_STATS)
-    want_traj = any(s in statistics for s in _TRAJ_STATS)
+    want_grad = any(s in statistics for s in GRAD_STATS)
+    want_acts = any(s in statistics for s in ACT_STATS)
+    want_traj = any(s in statistics for s in TRAJ_STATS)
     want_dense = "recon_dense" in statistics
-    state = _State("layerwise", sample_tokens if want_traj else 0)
+    state = ScoreState("layerwise", sample_tokens if want_traj else 0)
     if not (want_grad or want_acts or want_traj):
-        return _finish(cfg, params, state, statistics, seed)
+        return finish_scores(cfg, params, state, statistics, seed)
 
     chunks = []
     for batch in batches:
@@ -206,7 +206,7 @@ def collect_layerwise(cfg: ModelConfig, params: Params, batches: Iterable[Batch]
     x_chunks = [np.take(embedding, c["inputs"], axis=0) for c in chunks]
     first_moe = min(cfg.moe_layers)
     inputs: dict[int, list[np.ndarray]] = {}  # layer -> its input per chunk (backward only)
-    bar = _progress(cfg.num_layers * (2 if want_grad else 1), 0, progress)
+    bar = progress_bar(cfg.num_layers * (2 if want_grad else 1), 0, progress)
     prev_moe, prev_idx = None, []
     for layer in range(cfg.num_layers):
         cfg1, name = layer_config(cfg, layer), cfg.layer_name(layer)
@@ -253,7 +253,7 @@ def collect_layerwise(cfg: ModelConfig, params: Params, batches: Iterable[Batch]
             _release(p)
             bar.update(1)
     bar.close()
-    return _finish(cfg, params, state, statistics, seed)
+    return finish_scores(cfg, params, state, statistics, seed)
 
 
 __all__ = ["collect_layerwise", "layer_config", "LAYERWISE_STATISTICS"]
