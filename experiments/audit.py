@@ -25,7 +25,6 @@ Results: WORKDIR/report.md and report.json.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -141,17 +140,14 @@ def evaluate_row(config, key, model, tok, examples, clean_rows, monitor_rows, ta
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    mesh = launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
-    logging.getLogger().setLevel(logging.INFO)
+    mesh = launch.start(argv)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     unknown = sorted(set(config.rows) - set(LABELS))
     if unknown:
         raise app.UsageError(f"--config.rows: unknown rows {unknown}; expected some of {sorted(LABELS)}")
     workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    path = Path(config.model_path).expanduser() if config.model_path else REPO / config.checkpoint
+    path = launch.model_path(config, REPO)
     try:
         cfg, params = evaluation.load_model(path, "float32")
         tok = evaluation.load_eval_tokenizer("auto", path, cfg)

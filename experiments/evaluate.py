@@ -11,7 +11,6 @@ results.md and expert_load.png. See configs/evaluate.py for the knobs.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from absl import app, flags
@@ -32,10 +31,7 @@ def model_dir(config, workdir: Path) -> Path:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    mesh = launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
-    logging.getLogger().setLevel(logging.INFO)
+    mesh = launch.start(argv)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     path = model_dir(config, workdir)
     try:

@@ -28,7 +28,6 @@ in WORKDIR/progress.json, so a killed run resumes where it stopped.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe_jax import evaluation, footprint, launch, pruning, quality, reporting, scoring, synthetic, timing
+from moe_jax import evaluation, footprint, launch, pruning, reporting, scoring, synthetic, timing
 from moe_jax.config import ModelConfig
 from moe_jax.data import skills
 from moe_jax.model import transformer
@@ -146,20 +145,15 @@ def memory_table(cfg: ModelConfig, params, sizes: dict[str, dict]) -> dict[str, 
 
 # ============================================================================ main
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    mesh = launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
-    logging.getLogger().setLevel(logging.INFO)
+    mesh = launch.start(argv)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    path = Path(config.model_path).expanduser() if config.model_path else REPO / config.checkpoint
     try:
         for r in config.ratios:
             pruning.check_ratio(r)
-        cfg, params, tokenizer, measure, skills_on = quality.load_compared(config, path, config.seed)
-    except (FileNotFoundError, ValueError) as err:  # harness.HarnessError is a ValueError
+    except ValueError as err:
         raise app.UsageError(str(err)) from None
-    params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
+    path, cfg, params, tokenizer, measure, skills_on = launch.load_compared(config, REPO, mesh)
     t_start = time.perf_counter()
 
     c = config.calibration

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe_jax import evaluation, launch, pruning, quality, reporting, scoring, synthetic, timing
+from moe_jax import evaluation, launch, pruning, reporting, scoring, synthetic, timing
 from moe_jax.config import ModelConfig
 from moe_jax.data import skills
 from moe_jax.reporting import fmt
@@ -158,18 +157,10 @@ def plot_kept(path: Path, cfg: ModelConfig, plans: dict[str, pruning.PruningPlan
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    mesh = launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
-    logging.getLogger().setLevel(logging.INFO)
+    mesh = launch.start(argv)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    path = Path(config.model_path).expanduser() if config.model_path else REPO / config.checkpoint
-    try:
-        cfg, params, tokenizer, measure, skills_on = quality.load_compared(config, path, config.seed)
-    except (FileNotFoundError, ValueError) as err:  # harness.HarnessError is a ValueError
-        raise app.UsageError(str(err)) from None
-    params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
+    path, cfg, params, tokenizer, measure, skills_on = launch.load_compared(config, REPO, mesh)
     t_start = time.perf_counter()
     c = config.calibration
     batches = scoring.calibration_batches_from_config(c, tokenizer)

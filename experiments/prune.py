@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -142,10 +141,7 @@ def evaluate_run(label: str, cfg: ModelConfig, params: Params, tokenizer, settin
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    mesh = launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
-    logging.getLogger().setLevel(logging.INFO)
+    mesh = launch.start(argv)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     try:
         methods = check_methods(config.methods, config.scope)

@@ -10,7 +10,6 @@ written to WORKDIR/model/ (Hugging Face format, loadable with `moe_jax.hf.load_p
 from __future__ import annotations
 
 import json
-import logging
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -24,10 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    mesh = launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
-    logging.getLogger().setLevel(logging.INFO)
+    mesh = launch.start(argv)
     try:
         summary = train.train(FLAGS.config, FLAGS.workdir, mesh=mesh)
     except train.TrainError as err:

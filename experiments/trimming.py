@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -95,19 +94,11 @@ def add_pruned_rows(config, cfg, params, tok, calib, workdir: Path, models: dict
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    mesh = launch.initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
-    logging.getLogger().setLevel(logging.INFO)
+    mesh = launch.start(argv)
     config, workdir = FLAGS.config, Path(FLAGS.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    path = Path(config.model_path).expanduser() if config.model_path else REPO / config.checkpoint
-    try:
-        cfg, params, tok, measure, skills_on = quality.load_compared(config, path, config.seed)
-    except (FileNotFoundError, ValueError) as err:  # harness.HarnessError is a ValueError
-        raise app.UsageError(str(err)) from None
-    params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
+    path, cfg, params, tok, measure, skills_on = launch.load_compared(config, REPO, mesh)
     calib = scoring.calibration_batches_from_config(config.calibration, tok)
     examples = [ex for d in skills.DOMAINS for ex in skills.eval_set(d, config.n_per_domain, config.seed)]
     by_domain = {d: [ex for ex in examples if ex.domain == d] for d in skills.DOMAINS}

@@ -9,13 +9,19 @@ work, calls `jax.distributed.initialize` when more than one process is asked for
 so impl="expert_parallel" and the `moe_jax.sharding` entry points find it. `place(cfg, params, mesh)`
 (right after a launcher loads its model) puts the params on that mesh by the partition rules; plain
 `jax.jit` code then runs sharded (GSPMD). Without flags nothing changes: one process, no mesh.
+`start(argv)` is the opening every launcher's main shares (no stray arguments, `initialize`, INFO
+logging); `model_path(config, repo)` is the checkpoint a launcher reads, and `load_compared` loads
+and places it for the launchers that compare variants of it (fisher_moe, pathfinder, trimming).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from absl import app, flags
+
+from moe_jax import quality
 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
@@ -73,6 +79,33 @@ def initialize(mesh_spec: str | None = None):
         raise app.UsageError(f"--mesh={spec}: {err}") from None
     jax.set_mesh(mesh)
     return mesh
+
+
+def start(argv: list[str]):
+    """The opening of a launcher's main: refuses positional arguments, applies the launcher flags
+    (`initialize`) and logs at INFO; returns the mesh, or None."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    mesh = initialize()  # --mesh, --coordinator_address, --num_processes, --process_id
+    logging.getLogger().setLevel(logging.INFO)
+    return mesh
+
+
+def model_path(config, repo: Path) -> Path:
+    """The checkpoint a launcher reads: config.model_path, else config.checkpoint under the repository."""
+    return Path(config.model_path).expanduser() if config.model_path else repo / config.checkpoint
+
+
+def load_compared(config, repo: Path, mesh):
+    """(path, cfg, params, tokenizer, measure, skills_on): the checkpoint at `model_path(config, repo)`
+    with its tokenizer and quality columns (`quality.load_compared`), params placed on `mesh`; bad
+    input is a usage error, raised before anything expensive runs."""
+    path = model_path(config, repo)
+    try:
+        cfg, params, tokenizer, measure, skills_on = quality.load_compared(config, path, config.seed)
+    except (FileNotFoundError, ValueError) as err:  # harness.HarnessError is a ValueError
+        raise app.UsageError(str(err)) from None
+    return path, cfg, place(cfg, params, mesh), tokenizer, measure, skills_on
 
 
 def place(cfg, params, mesh):
