@@ -6,8 +6,10 @@
 
 A block names a generated markdown file (relative to the repository), a heading in it, and
 optionally `table` (only the section's first table, for pages that link the rest). `stale(page)`
-lists the blocks whose text no longer matches their source (tests/test_docs.py fails on any);
-`python -m moe_jax.reproduction.includes README.md docs/*.md` rewrites them after a reproduction.
+lists the blocks whose text no longer matches their source, and `hand_tables(page)` the rows of
+tables written by hand that hold a measured-looking number (tests/test_docs.py fails on either);
+`python -m moe_jax.reproduction.includes README.md docs/*.md` rewrites the blocks after a
+reproduction.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from moe_jax.reporting import atomic_write
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK = re.compile(r'(<!-- include (\S+) "([^"]+)"( table)? -->\n)(.*?)(<!-- end include -->)', re.S)
+
+
+# A table cell that is a number, optionally with a unit: what a measurement looks like.
+NUMBER_CELL = re.compile(r"[~+-]?\d[\d,]*(\.\d+)?\s*(%|×|x|ms|s|GiB|MiB|GB|MB)?")
 
 
 class IncludeError(ValueError):
@@ -57,6 +63,24 @@ def stale(page: Path, root: Path = REPO) -> list[str]:
     text = page.read_text()
     return [f"{page.name}: {m.group(2)} {m.group(3)!r}" for m in BLOCK.finditer(text)
             if m.group(5) != _expected(m, root)]
+
+
+def _numeric(cell: str) -> bool:
+    """A number, or numbers joined by ", ", "/" or "->" (`0.996, 0.922`; `8, 2, 2, 4`)."""
+    return bool(cell) and all(NUMBER_CELL.fullmatch(part) for part in re.split(r",\s+|\s*/\s*|\s*->\s*", cell))
+
+
+def hand_tables(page: Path) -> list[str]:
+    """Table rows of `page` outside include blocks and code fences with a cell that is a number:
+    a measured number copied by hand, which belongs in a generated file and an include block."""
+    text = BLOCK.sub(lambda m: m.group(1) + "\n" * m.group(5).count("\n") + m.group(6), page.read_text())
+    rows, fenced = [], False
+    for number, line in enumerate(text.splitlines(), 1):
+        fenced ^= line.startswith("```")
+        cells = [c.strip(" *_") for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if not fenced and any(_numeric(c) for c in cells):
+            rows.append(f"{page.name}:{number}: {line.strip()}")
+    return rows
 
 
 def refresh(page: Path, root: Path = REPO) -> bool:
