@@ -4,8 +4,8 @@ The config is the static half of a model (params are the other half). It is hash
 can be a `jax.jit` static argument, JSON-serialisable so it travels with checkpoints, and it
 records per-layer expert counts and per-expert widths because pruning makes them differ.
 
-It knows nothing of Hugging Face's `config.json`: `moe_jax.hf_config.from_hf` reads one of the
-six supported families into a ModelConfig and `moe_jax.hf_config.to_hf` writes one back.
+It knows nothing of Hugging Face's `config.json`: `moe_jax.hf.config_json.from_hf` reads one of the
+six supported families into a ModelConfig and `moe_jax.hf.config_json.to_hf` writes one back.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from moe_jax import hf_config
 from moe_jax.config import ModelConfig
+from moe_jax.hf import config_json as hf_config
 from moe_jax.model import transformer
 
 # config.json of Qwen/Qwen1.5-MoE-A2.7B (the keys the forward pass reads).

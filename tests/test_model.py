@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import hf_config
 from moe_jax.config import ModelConfig
+from moe_jax.hf import config_json as hf_config
 from moe_jax.model import apply, forward, generate, init, init_cache
 from moe_jax.model.layout import expert_weight, pack_experts
 from tests.conftest import tiny_config

@@ -16,8 +16,9 @@ import torch
 import transformers as T
 from safetensors import safe_open
 
-from moe_jax import hf, hf_config, pruning
+from moe_jax import hf, pruning
 from moe_jax.config import ConfigError
+from moe_jax.hf import config_json as hf_config
 from moe_jax.model import forward, generate
 from tests.conftest import scaled_params, tiny_config
 

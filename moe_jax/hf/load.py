@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
-from moe_jax import hf_config
 from moe_jax.config import ModelConfig
+from moe_jax.hf import config_json as hf_config
 from moe_jax.hf import keymap
 from moe_jax.hf.keymap import (
     CONFIG_NAME,

@@ -17,8 +17,9 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from moe_jax import hf_config, multihost
+from moe_jax import multihost
 from moe_jax.config import ModelConfig
+from moe_jax.hf import config_json as hf_config
 from moe_jax.hf import keymap
 from moe_jax.hf.keymap import (
     CONFIG_NAME,

@@ -22,7 +22,7 @@ import ml_collections
 
 from moe_jax import hf, synthetic
 from moe_jax.data import lm_eval_tasks
-from moe_jax.hf_config import from_hf
+from moe_jax.hf.config_json import from_hf
 from moe_jax.reporting import TEXT_DOMAIN, fmt, run_label
 
 REPO = Path(__file__).resolve().parents[2]
