@@ -8,7 +8,7 @@ HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 are set; local task YAMLs come from ``inc
 
     python -m experiments.eval_harness --config=configs/eval_harness.py --workdir=/tmp/arc \\
         --config.model_path=/ckpt/Qwen1.5-MoE-A2.7B --config.tasks="('arc_easy',)" \\
-        --config.plan=/tmp/prune/plans/fisher_expert_0.5.json
+        --config.plan=/tmp/prune/plans/fisher-expert@0.5.json
 
 How long: a few seconds per task on a tiny checkpoint on the 2-core dev CPU (mostly
 compilation); a real checkpoint is dominated by its size and the task's tokens.
