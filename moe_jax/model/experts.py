@@ -1,4 +1,5 @@
-"""The single-device dispatch paths of `moe.experts_forward`: dense, ragged, blocked, gather.
+"""The single-device dispatch paths of `moe.experts_forward`: dense, ragged, blocked, gather, and the
+grouped-GEMM kernels of `moe_jax.model.grouped_gemm` (pallas, megablox).
 
 Each runs every width bucket at its own width and gives the same result (see `moe_jax.model.moe`).
 `forward` checks its arguments and runs one path; `check_inputs` and `run` are its two halves, so
@@ -16,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax.config import ExpertBucket, ModelConfig
-from moe_jax.model import kernels
+from moe_jax.model import grouped_gemm, kernels
 from moe_jax.model.kernels import swiglu
 
-LOCAL_IMPLS = ("auto", "dense", "ragged", "blocked", "gather")
+LOCAL_IMPLS = ("auto", "dense", "ragged", "blocked", "gather", *grouped_gemm.BACKENDS)
 MAX_BLOCK_ROWS = 256  # the default block size of "blocked" never exceeds this
 _F32 = jnp.float32
 _EXACT = jax.lax.Precision.HIGHEST
@@ -115,6 +116,10 @@ def run(inputs: Inputs, experts_params: Mapping[str, Any], *, impl: str, collect
         if C < 1:
             raise ValueError(f"experts_forward: block_rows={block_rows} must be positive")
         out_RD, sums = _blocked(info, experts_params, x_TD, rows, mask, seq_id_T, collect_stats, C)
+    elif impl in grouped_gemm.BACKENDS:
+        C = grouped_gemm.tile_rows_for(T, K, info.E) if block_rows is None else int(block_rows)
+        out_RD, sums = grouped_gemm.dispatch(info, experts_params, x_TD, rows, mask, seq_id_T, collect_stats,
+                                             grouped_gemm.make_spec(C, impl))
     else:
         bucket_fn = _ragged_bucket if impl == "ragged" else _gather_bucket
         out_RD, sums = _per_bucket(info, experts_params, x_TD, rows, mask, seq_id_T, collect_stats, bucket_fn)

@@ -14,6 +14,9 @@ non-uniform layers are never padded to their widest expert. The paths give equal
   blocked  rows sorted by expert into fixed-size blocks that each hold one expert's rows,
            one dense matmul chain per block: the fast default.
   gather   each row gathers its own copy of its expert's weights: a cross-check for tiny T*K.
+  pallas   rows sorted by expert into row tiles, grouped-GEMM Pallas kernels (Triton on GPU,
+           interpret mode elsewhere) with their own backward (`moe_jax.model.grouped_gemm`).
+  megablox the same layout on jax's TPU grouped matmul (interpret mode off TPU; unmeasured).
   expert_parallel  rows sent to the devices owning their experts with an all-to-all, run there
            by "blocked", and sent back (`moe_jax.model.expert_parallel`; needs a mesh with an
            `expert` axis set by `jax.set_mesh`).
@@ -22,7 +25,8 @@ The single-device paths live in `moe_jax.model.experts`, the expert-parallel one
 `moe_jax.model.expert_parallel`; this module routes and picks the path.
 
 "auto" is "blocked": on CPU it beat "gather" even at decode (T=1..8) and the rest at all T,
-since it reads each used expert's weights once and skips unused experts.
+since it reads each used expert's weights once and skips unused experts. "pallas" stays an
+explicit choice until a GPU run measures it faster than the rest there (docs/dispatch.md).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from moe_jax.model import expert_parallel, experts
 from moe_jax.model.experts import MAX_BLOCK_ROWS, block_rows_for
 from moe_jax.model.kernels import swiglu
 
-IMPLS = ("auto", "dense", "ragged", "blocked", "gather", "expert_parallel")
+IMPLS = ("auto", "dense", "ragged", "blocked", "gather", "pallas", "megablox", "expert_parallel")
 STAT_KEYS = ("act_abs_sum", "act_weighted_abs_sum", "count", "out_norm_sum", "weighted_out_norm_sum")
 _F32 = jnp.float32
 _EXACT = jax.lax.Precision.HIGHEST
@@ -206,13 +210,14 @@ def experts_forward(
         count (E,), out_norm_sum, weighted_out_norm_sum (E,) of ||f_e(x)|| and w*||f_e(x)||.
         Otherwise stats is {}. Stats carry no gradient.
       token_valid_T: (T,) which tokens the stats count (padding excluded); default all.
-      block_rows: rows per block of "blocked" (default: `block_rows_for`).
+      block_rows: rows per block of "blocked" (default: `block_rows_for`), or per tile of
+        "pallas" / "megablox" (default: `grouped_gemm.tile_rows_for`; on GPU a power of two >= 16).
       per_choice: also return stats["out_TKD"] (T, K, D): each routed choice's output f_e(x)
         before the combine (0 for trimmed choices), so calibration can reuse the forward's
         expert work instead of running the routed experts again. Not with "expert_parallel".
 
-    "blocked" has a hand-written backward pass, so it supports reverse mode (grad, vjp) but
-    not forward mode (jvp); use "ragged" or "dense" there.
+    "blocked", "pallas" and "megablox" have hand-written backward passes, so they support reverse
+    mode (grad, vjp) but not forward mode (jvp); use "ragged" or "dense" there.
     """
     if isinstance(routing, Routing):
         idx_TK, weights_TK, active_TK = routing.idx_TK, routing.weights_TK, routing.active_TK
