@@ -104,7 +104,7 @@ def generate_program_bytes(cfg: ModelConfig, params, batch: int, prompt_len: int
     """Device bytes XLA plans for the generate program (arguments + outputs + temporaries - aliased),
     from the compiled program's memory analysis: a per-model peak where the allocator's is cumulative."""
     tokens = jnp.zeros((batch, prompt_len), jnp.int32)
-    lowered = decode._generate.lower(cfg, params, tokens, jnp.ones_like(tokens, bool), jax.random.PRNGKey(0),
+    lowered = decode.generate_arrays.lower(cfg, params, tokens, jnp.ones_like(tokens, bool), jax.random.PRNGKey(0),
                                      jnp.int32(-1), jnp.int32(0), masks, max_new_tokens=new_tokens, temperature=0.0,
                                      top_p=1.0, impl="auto")
     stats = lowered.compile().memory_analysis()

@@ -79,8 +79,12 @@ def _constrain_cache(cache: dict, cache_axes) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_p", "impl", "cache_axes"))
-def _generate(cfg, params, tokens_BP, mask_BP, rng, eos_id, pad_id, masks, *, max_new_tokens, temperature, top_p,
+def generate_arrays(cfg, params, tokens_BP, mask_BP, rng, eos_id, pad_id, masks, *, max_new_tokens, temperature, top_p,
               impl, cache_axes=None):
+    """`generate`'s jitted core on arrays: left-padded (B, P) prompts in, (B, max_new_tokens) ids out.
+
+    Sharded decoding (`moe_jax.sharding`) and the benchmarks call it directly to place or lower it.
+    """
     B, P = tokens_BP.shape
     S = P + max_new_tokens
     dtype = params["embed"]["embedding"].dtype
@@ -144,7 +148,7 @@ def generate(cfg: ModelConfig, params: dict, prompts, max_new_tokens: int = 32, 
     if rng is None:
         rng = jax.random.PRNGKey(0)
     eos = -1 if eos_id is None else int(eos_id)
-    out = _generate(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), rng, jnp.int32(eos), jnp.int32(pad_id),
+    out = generate_arrays(cfg, params, jnp.asarray(tokens), jnp.asarray(mask), rng, jnp.int32(eos), jnp.int32(pad_id),
                     masks, max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
                     impl=impl, cache_axes=cache_axes)
     return np.asarray(out)

@@ -117,7 +117,7 @@ def sharded_generate(cfg: ModelConfig, mesh: Mesh, params, batch_size: int, max_
     axes = cache_axes(cfg, mesh, batch_size)
 
     def gen(params, tokens, mask, rng, eos, pad, masks):
-        return decode._generate(cfg, params, tokens, mask, rng, eos, pad, masks, max_new_tokens=max_new_tokens,
+        return decode.generate_arrays(cfg, params, tokens, mask, rng, eos, pad, masks, max_new_tokens=max_new_tokens,
                                 temperature=float(temperature), top_p=float(top_p), impl=impl, cache_axes=axes)
 
     jitted = jax.jit(gen, in_shardings=(params_sh, batch_sh, batch_sh, rep, rep, rep, rep), out_shardings=batch_sh)
