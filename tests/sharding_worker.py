@@ -77,7 +77,8 @@ def run_checks(names: tuple[str, ...]) -> dict:  # noqa: C901  (one list of chec
                    "loss_mask": np.ones((B, 9), np.float32), "segment_ids": np.ones((B, 9), np.int32)}
     # Compile time is the cost here: references and GSPMD paths run "dense", and so do the devices'
     # local experts, except in "ep_layer" and "fisher_2x4", which run "blocked" (its custom VJP)
-    # inside the shard_map. The paths agree with each other (tests/test_moe.py).
+    # inside the shard_map, and "ep_layer" also "pallas" (issue 22's kernels, forward and gradients).
+    # The paths agree with each other (tests/test_moe.py).
     expert_parallel.INNER_IMPL = "dense"
 
     # Single-device references, each computed once (on first use, so a failure fails its checks only).
@@ -251,18 +252,28 @@ def run_checks(names: tuple[str, ...]) -> dict:  # noqa: C901  (one list of chec
                 g, u = x_TD[t] @ ew["gate"], x_TD[t] @ ew["up"]
                 h = g / (1 + np.exp(-g)) * u * np.asarray(mask[idx[t, k], :len(g)])
                 loop[t] += w[t, k] * (h @ ew["down"])
-        expert_parallel.INNER_IMPL = "auto"
+        cot = rng.normal(size=x_TD.shape).astype(np.float32)
+        loss = lambda impl: lambda e, x, m: jnp.sum(moe.experts_forward(cfg, 0, e, x, routing, dims_mask=m,
+                                                                        impl=impl)[0] * cot)
+        want_grads = jax.grad(loss("dense"), argnums=(0, 1, 2))(moe_params["experts"], x_TD, mask)
         errs = {}
         try:
-            for spec in ("expert=8",):  # the matrix runs the dispatch on expert=8 and data=2 x expert=4 too
+            # the matrix runs the dispatch on expert=8 and data=2 x expert=4 too; "pallas": issue 22's kernels
+            for spec, inner in (("expert=8", "auto"), ("expert=8", "pallas")):
+                expert_parallel.INNER_IMPL = inner
                 with jax.set_mesh(sharding.make_mesh(spec)):
                     got, stats = jax.jit(lambda e, x, r, m: moe.experts_forward(
                         cfg, 0, e, x, r, dims_mask=m, impl="expert_parallel", collect_stats=True))(
                         moe_params["experts"], x_TD, routing, mask)
-                errs[spec] = _close(spec, got, want)
-                _close(f"{spec} vs loop", got, loop)
+                    grads = jax.jit(jax.grad(loss("expert_parallel"), argnums=(0, 1, 2)))(
+                        moe_params["experts"], x_TD, mask) if inner == "pallas" else None
+                label = f"{spec} {inner}"
+                errs[label] = _close(label, got, want)
+                _close(f"{label} vs loop", got, loop)
                 for k in want_stats:
-                    _close(f"{spec} {k}", stats[k], want_stats[k])
+                    _close(f"{label} {k}", stats[k], want_stats[k])
+                for i, (g, w) in enumerate(zip(jax.tree.leaves(grads or ()), jax.tree.leaves(want_grads))):
+                    _close(f"{label} grad {i}", g, w)
         finally:
             expert_parallel.INNER_IMPL = "dense"
         return errs

@@ -5,10 +5,10 @@ largest value; greedy tokens exactly):
   forward on fsdp=2 x expert=2 x tensor=2 and generate on data=2 x expert=2 x tensor=2 (the KV
     cache split over batch x KV heads), with where the params land (`params_sharded`);
   the expert-parallel dispatch alone on expert=8 against the single-device MoE layer and a
-    per-token loop (`ep_layer`), a pruned non-uniform model (`pruned`), DeepSeek-V3 (MLA, dense
-    first layer, group-limited router, `mla`); and what a launcher runs after `launch.place`
-    (exact match, Fisher scores, pruning.apply) as plain jax.jit code on params sharded under
-    the default mesh (`launch_place`).
+    per-token loop, each device running "blocked", then "pallas" with gradients (`ep_layer`),
+    a pruned non-uniform model (`pruned`), DeepSeek-V3 (MLA, dense first layer, group-limited
+    router, `mla`); and what a launcher runs after `launch.place` (exact match, Fisher scores,
+    pruning.apply) as plain jax.jit code on params sharded under the default mesh (`launch_place`).
 
 A file of its own so that pytest-xdist (one file per worker) compiles it on another core than
 the matrix (tests/test_sharding.py).
