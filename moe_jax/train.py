@@ -73,6 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
         pack=False,
         # Training examples drawn per skills domain (facts cycles through its 576 examples).
         examples_per_domain=ml_collections.ConfigDict({d: 4000 for d in skills.DOMAINS}),
+        # Passages of the built-in generic text (moe_jax.data.prose), every token in the loss;
+        # 0: none. Held out: eval_examples_per_domain passages, reported as eval_ce/prose.
+        prose_passages=0, prose_max_chars=240,
         eval_examples_per_domain=50))
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-3, warmup_steps=100, min_lr_ratio=0.05, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.05,
@@ -103,6 +106,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise TrainError(f"config.max_new_tokens={config.max_new_tokens!r}: must be >= 0 (0: longest answer + 1)")
     if config.impl not in model.moe.IMPLS:
         raise TrainError(f"config.impl={config.impl!r}: expected one of {model.moe.IMPLS}")
+    if config.data.prose_passages < 0:
+        raise TrainError(f"config.data.prose_passages={config.data.prose_passages}: must be >= 0")
+    if config.data.prose_passages and not 16 <= config.data.prose_max_chars <= config.data.seq_len - 2:
+        raise TrainError(f"config.data.prose_max_chars={config.data.prose_max_chars}: must be in "
+                         f"[16, data.seq_len - 2 = {config.data.seq_len - 2}] (a passage, BOS and EOS fill a row)")
     unknown = set(config.data.examples_per_domain) - set(skills.DOMAINS)
     if unknown:
         raise TrainError(f"config.data.examples_per_domain: unknown domain(s) {sorted(unknown)}; "
@@ -170,7 +178,7 @@ def evaluate_loss(eval_step, params, data: SkillsData, batch_size: int) -> dict[
         weights.append(w[:batch_size - pad])
     ce_sum, weight = np.concatenate(ce_sums), np.concatenate(weights)
     out = {"eval_ce": float(ce_sum.sum() / max(weight.sum(), 1.0))}
-    for domain in skills.DOMAINS:
+    for domain in dict.fromkeys(data.eval_domain):
         rows = data.eval_domain == domain
         if rows.any():
             out[f"eval_ce/{domain}"] = float(ce_sum[rows].sum() / max(weight[rows].sum(), 1.0))

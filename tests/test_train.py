@@ -35,6 +35,7 @@ def tiny_train_config():
                    moe_intermediate_size=32, max_position_embeddings=64)
     c.data.seq_len = 64
     c.data.examples_per_domain.update({d: 60 for d in skills.DOMAINS})
+    c.data.prose_passages, c.data.prose_max_chars = 24, 60  # generic text, every token in the loss
     c.data.eval_examples_per_domain = 8
     c.optim.update(lr=1e-2, warmup_steps=4)
     c.log_every, c.eval_every, c.checkpoint_every = 5, 10, 10
@@ -139,6 +140,7 @@ def test_smoke_training_lowers_held_out_loss(trained):
     before = train.evaluate_loss(eval_fn, initial.params, data, config.batch_size)["eval_ce"]
     assert before == pytest.approx(math.log(cfg.vocab_size), rel=0.05)  # ~uniform at init
     after = summary["final"]["eval_ce"]
+    assert summary["final"]["eval_ce/prose"] < 0.9 * before  # held-out generic text is learnt too
     assert after < 0.75 * before, (before, after)
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]

@@ -3,6 +3,7 @@
 `load_texts(spec)` is the one entry point for every corpus, always through `datasets`:
 
     skills:<split>[:<domain>[,<domain>...]]   the synthetic skills corpus (`skills.py`)
+    prose:<split>                             the built-in generic text (`prose.py`), passages
     json:<path or glob>                       JSON / JSON-lines files
     text:<path or glob>                       plain-text files, one row per line
     parquet:<path or glob>                    Parquet files
@@ -30,14 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moe_jax.data import skills
+from moe_jax.data import prose, skills
 from moe_jax.data.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     import datasets
 
-SCHEMES = ("skills", "json", "text", "parquet", "hf")
-_SPEC_HELP = ("expected one of 'skills:train', 'skills:eval:arithmetic', 'json:/path/a.jsonl', "
+SCHEMES = ("skills", "prose", "json", "text", "parquet", "hf")
+_SPEC_HELP = ("expected one of 'skills:train', 'skills:eval:arithmetic', 'prose:eval', 'json:/path/a.jsonl', "
               "'text:/path/*.txt', 'parquet:/path/x.parquet', 'hf:wikitext/wikitext-2-raw-v1:train'")
 
 
@@ -54,6 +55,8 @@ def load_texts(spec: str, *, column: str = "text", n_per_domain: int = 1000, see
                          f"{_SPEC_HELP}")
     if scheme == "skills":
         ds = _skills_dataset(spec, rest, n_per_domain, seed)
+    elif scheme == "prose":
+        ds = _prose_dataset(spec, rest)
     else:
         ds = _ensure_text_column(spec, _load_with_datasets(spec, scheme, rest, cache_dir), column)
         ds = ds.filter(lambda text: bool(text and text.strip()), input_columns="text")
@@ -85,6 +88,14 @@ def _skills_dataset(spec: str, rest: str, n_per_domain: int, seed: int) -> datas
         {"text": ex.text, "prompt": ex.prompt, "answer": ex.answer, "domain": ex.domain,
          "refuse": ex.refuse, "forbidden": ex.forbidden} for ex in examples
     ], features=_skills_features())
+
+
+def _prose_dataset(spec: str, split: str) -> datasets.Dataset:
+    import datasets
+
+    if split not in prose.SPLITS:
+        raise ValueError(f"data spec {spec!r}: unknown prose split {split!r}; valid splits: {', '.join(prose.SPLITS)}")
+    return datasets.Dataset.from_dict({"text": prose.passages(split)})
 
 
 def _skills_features() -> datasets.Features:

@@ -16,14 +16,14 @@ import ml_collections
 import numpy as np
 
 from moe_jax.checkpoint import TrainError
-from moe_jax.data import pipeline, skills
+from moe_jax.data import pipeline, prose, skills
 from moe_jax.data.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
 class SkillsData:
-    """Encoded skills rows: the training mixture, and held-out rows (answer-only loss mask) with
-    the domain of each row."""
+    """Encoded rows: the training mixture, and held-out rows (answer-only loss mask on skills,
+    every token of prose) with the domain of each row ("prose" for generic text)."""
 
     train: dict[str, np.ndarray]
     eval: dict[str, np.ndarray]
@@ -36,10 +36,13 @@ def load_skills(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Skil
     train_examples = []
     for domain, n in d.examples_per_domain.items():
         train_examples += skills.generate(domain, "train", int(n), d.seed)
+    train_examples += prose_examples("train", d.prose_passages, d.prose_max_chars, d.seed)
     # Shuffle before packing so rows mix domains; the loop reshuffles rows every epoch.
     order = np.random.default_rng([d.seed, 12345]).permutation(len(train_examples))
     train_examples = [train_examples[i] for i in order]
     eval_examples = {dom: skills.eval_set(dom, d.eval_examples_per_domain, d.seed) for dom in skills.DOMAINS}
+    if d.prose_passages:
+        eval_examples["prose"] = prose_examples("eval", d.eval_examples_per_domain, d.prose_max_chars, d.seed)
 
     def encode(examples, prompt_weight):
         try:
@@ -55,6 +58,16 @@ def load_skills(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Skil
     eval_rows = {k: np.concatenate([rows[k] for rows in per_domain.values()]) for k in keys}
     eval_domain = np.concatenate([[dom] * len(rows["tokens"]) for dom, rows in per_domain.items()])
     return SkillsData(encode(train_examples, d.prompt_weight), eval_rows, eval_domain)
+
+
+def prose_examples(split: str, n: int, max_chars: int, seed: int) -> list[skills.Example]:
+    """`n` prose passages of `split` as prompt-less examples (every token is an answer token):
+    the split's passages shuffled by `seed`, cycled when `n` exceeds them."""
+    if n <= 0:
+        return []
+    pool = prose.passages(split, max_chars)
+    order = np.random.default_rng([seed, 777]).permutation(len(pool))
+    return [skills.Example("prose", "", pool[order[i % len(pool)]]) for i in range(int(n))]
 
 
 def batch_indices(step: int, num_rows: int, batch_size: int, seed: int) -> np.ndarray:
