@@ -8,7 +8,7 @@ into `prose_stdlib.json.gz` (committed, so every machine reads the same bytes wh
 Python); `passages(split)` cuts them into passages that fit a training row. One docstring in
 `HOLDOUT_MODULUS`, by a hash of its source name, is held out for evaluation.
 
-    python -m moe_jax.data.prose   # rewrites moe_jax/data/prose_stdlib.json.gz from this Python
+    python -c 'from moe_jax.data import prose; prose.build()'   # rewrites prose_stdlib.json.gz
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import functools
 import gzip
 import hashlib
 import json
-import os
 import platform
 import re
 import sysconfig
-import tempfile
 from pathlib import Path
+
+from moe_jax import reporting
 
 CORPUS = Path(__file__).with_name("prose_stdlib.json.gz")
 SPLITS = ("train", "eval")
@@ -68,11 +68,7 @@ def build(out: Path = CORPUS, stdlib: Path | None = None) -> dict:
     """Extract the running Python's stdlib docstrings into `out` (written to a temporary name, then renamed)."""
     stdlib = Path(stdlib or sysconfig.get_paths()["stdlib"])
     corpus = {"python": platform.python_version(), "licence": "PSF-2.0 (PSF_LICENSE.txt)", "docs": extract(stdlib)}
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".")
-    os.chmod(tmp, 0o644)
-    with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-        f.write(json.dumps(corpus, indent=0, sort_keys=True).encode())
-    os.replace(tmp, out)
+    reporting.atomic_write(out, gzip.compress(json.dumps(corpus, indent=0, sort_keys=True).encode(), mtime=0))
     return corpus
 
 
@@ -131,9 +127,3 @@ def _split_passages(max_chars: int, path: Path) -> dict[str, tuple[str, ...]]:
     trained = set(out["train"])
     out["eval"] = [p for p in out["eval"] if p not in trained]
     return {s: tuple(v) for s, v in out.items()}
-
-
-if __name__ == "__main__":
-    built = build()
-    print(f"{CORPUS.name}: {len(built['docs'])} docstrings from Python {built['python']}, "
-          f"{sum(len(d['text']) for d in built['docs']):,} characters")
