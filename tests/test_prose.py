@@ -35,7 +35,10 @@ def test_build_writes_a_corpus_that_documents_reads(tmp_path):
     out = tmp_path / "corpus.json.gz"
     built = prose.build(out, stdlib=tmp_path)
     assert prose.documents(out) == tuple(built["docs"]) and len(built["docs"]) == 1
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("corpus.json.gz.")]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.json.gz", "mod.py"]  # no temporary left
+    first = out.read_bytes()
+    prose.build(out, stdlib=tmp_path)
+    assert out.read_bytes() == first  # rebuilding gives the same bytes
     (tmp_path / "bad.json.gz").write_bytes(gzip.compress(b'{"docs": 3}'))
     with pytest.raises(ValueError, match="bad.json.gz: expected a JSON object with a 'docs' list"):
         prose.documents(tmp_path / "bad.json.gz")
