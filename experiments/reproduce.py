@@ -36,7 +36,10 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe_jax import launch  # noqa: F401  (defines --mesh, passed on to a paper config's main job)
+from moe_jax import (
+    launch,  # noqa: F401  (defines --mesh, passed on to a paper config's main job)
+    timing,
+)
 from moe_jax.reporting import atomic_write
 from moe_jax.reproduction import paper, results_page, stages
 
@@ -89,8 +92,8 @@ def reproduce_paper(config, workdir: Path) -> None:
     record = stages.run_stage(stage, REPO, workdir / "paper", overrides, model, stages.model_digest(model), env, log)
     table = paper.collect(workdir / "paper", config.paper, smoke=config.smoke,
                           runs=paper.runs_of(overrides.get("methods", config.methods), config.scope))
-    table.update(stage=record, seconds=time.time() - t0, versions=results_page.versions(),
-                 machine=results_page.machine())
+    table.update(stage=record, seconds=time.time() - t0, versions=timing.versions(),
+                 machine=timing.machine())
     atomic_write(workdir / "results.json", json.dumps(table, indent=1, allow_nan=False))
     atomic_write(workdir / "RESULTS.md", paper.render(table))
     log(f"wrote {workdir / 'RESULTS.md'} and results.json ({time.time() - t0:.0f} s)")

@@ -3,17 +3,23 @@
 `round_robin_seconds` times several calls interleaved in rounds, so that load which changes during
 the run (a shared CPU) moves all of them alike and their ratios stay meaningful; `median_seconds`
 is the one-call case. `median_of_known` is the median of per-round measurements that may be None
-(a decode time lost in noise).
+(a decode time lost in noise). `machine` and `versions` name what a timing ran on.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import flax
 import jax
+import jaxlib
+
+import moe_jax
 
 
 def round_robin_seconds(calls: Mapping[str, tuple[Callable[..., Any], tuple]],
@@ -44,3 +50,16 @@ def median_of_known(values: Iterable[float | None]) -> float | None:
     """Median of the values that are not None (None when there are none)."""
     known = [float(v) for v in values if v is not None]
     return statistics.median(known) if known else None
+
+
+def versions() -> dict[str, str]:
+    """The versions a measurement depends on."""
+    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "flax": flax.__version__, "moe_jax": moe_jax.__version__}
+
+
+def machine() -> dict[str, Any]:
+    """The machine a measurement ran on: platform, CPU count, jax backend and device."""
+    devices = jax.devices()
+    return {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
+            "backend": jax.default_backend(), "device_kind": devices[0].device_kind, "device_count": len(devices)}

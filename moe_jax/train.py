@@ -32,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from moe_jax import evaluation, hf, model
+from moe_jax import evaluation, hf, model, timing
 from moe_jax.checkpoint import (
     MetricsLog,
     TrainError,
@@ -348,6 +348,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, mesh=No
         "wall_seconds_this_run": round(time.perf_counter() - run_start, 1),
         "tokens_per_s": round(last.get("tokens_per_s", 0.0), 1),
         "tokens_per_step": tokens_per_step, "params": model.count_params(state.params),
+        "machine": timing.machine(), "versions": timing.versions(),
         "data": {"train_rows": num_rows, "fingerprint": fingerprint, "skills_py_blake2b": skills_source},
         "final": {k: round(v, 5) for k, v in last.items()
                   if k in ("loss", "ce", "aux", "z", "grad_norm") or k.startswith("eval_ce")},

@@ -13,35 +13,16 @@ instead of its section.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import re
 from pathlib import Path
 from typing import Any
 
-import flax
-import jax
-import jaxlib
-
-import moe_jax
+from moe_jax import timing
 from moe_jax.quality import PPL_COLUMN
 from moe_jax.reporting import fmt, jsonable
 
 DOMAINS = ("arithmetic", "facts", "code", "language", "safety")
 REPORT_STAGES = ("fisher_moe", "pathfinder", "trimming", "trim_latency", "audit")
-
-
-def versions() -> dict[str, str]:
-    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "flax": flax.__version__, "moe_jax": moe_jax.__version__}
-
-
-def machine() -> dict[str, Any]:
-    import jax
-
-    devices = jax.devices()
-    return {"platform": platform.platform(), "processor": platform.machine(), "cpu_count": os.cpu_count(),
-            "backend": jax.default_backend(), "device_kind": devices[0].device_kind, "device_count": len(devices)}
 
 
 def parse_tables(text: str) -> list[dict[str, Any]]:
@@ -73,8 +54,8 @@ def _prune_results(stage_dir: Path) -> dict[str, Any]:
 def collect(workdir: Path, config, records: dict, failures: dict, model: str, *, quick: bool,
             seconds: float) -> dict[str, Any]:
     """Everything the reproduction measured, as plain JSON types."""
-    out = {"mode": "quick" if quick else "full", "model": model, "seconds": seconds, "versions": versions(),
-           "machine": machine(), "stages": {}, "failures": failures}
+    out = {"mode": "quick" if quick else "full", "model": model, "seconds": seconds, "versions": timing.versions(),
+           "machine": timing.machine(), "stages": {}, "failures": failures}
     for name in config.stages:
         record, stage_dir = records.get(name), workdir / name
         out["stages"][name] = {"status": "failed" if name in failures else record["status"],
