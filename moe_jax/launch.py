@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import jax
 from absl import app, flags
 
-from moe_jax import quality
+from moe_jax import quality, sharding
 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
@@ -57,10 +58,6 @@ def check_distributed(coordinator_address: str | None, num_processes: int | None
 
 def initialize(mesh_spec: str | None = None):
     """Apply the launcher flags; returns the mesh set as default, or None (see module docstring)."""
-    import jax
-
-    from moe_jax import sharding
-
     spec = FLAGS.mesh if mesh_spec is None else mesh_spec
     try:  # bad flags fail here, before any device work, as a usage error naming the flag
         sizes = sharding.parse_mesh_spec(spec) if spec else None
@@ -113,8 +110,6 @@ def place(cfg, params, mesh):
     mesh is None. Logs one INFO summary: what each device holds, and what the rules could not split."""
     if mesh is None:
         return params
-    from moe_jax import sharding
-
     placed = sharding.shard_params(params, mesh)
     unsplit = sharding.place_report(params, mesh)
     padding = sharding.expert_padding_report(cfg, mesh, itemsize=_itemsize(params))
