@@ -51,11 +51,12 @@ def model_size(cfg: ModelConfig, params: Params) -> dict[str, Any]:
 
 def throughput(cfg: ModelConfig, params: Params, *, batch_size: int = 8, prompt_len: int = 64,
                new_tokens: int = 32, repeats: int = 3, seed: int = 0, masks: dict | None = None,
-               prompts: np.ndarray | None = None) -> dict[str, Any]:
+               prompts: np.ndarray | None = None, impl: str = "auto") -> dict[str, Any]:
     """Prefill and decode tokens/s of KV-cached greedy generation on random prompts, and peak memory.
 
     prompts: a (batch_size, prompt_len) token array to use instead of random tokens (routing,
     and so trimming, depends on the text). masks: as in `forward` (pruning or trimming).
+    impl: the MoE dispatch path (`moe_jax.model.moe.IMPLS`).
 
     Prefill time is `generate` with one new token; decode time is the extra time of
     `new_tokens` new tokens (EOS disabled, so every row decodes them all). Medians of
@@ -70,7 +71,7 @@ def throughput(cfg: ModelConfig, params: Params, *, batch_size: int = 8, prompt_
         if tokens.shape != (batch_size, prompt_len):
             raise ValueError(f"throughput: prompts have shape {tokens.shape}, expected (batch_size, prompt_len) = "
                              f"{(batch_size, prompt_len)}")
-    run = lambda n: decode.generate(cfg, params, tokens, n, eos_id=None, masks=masks)  # noqa: E731
+    run = lambda n: decode.generate(cfg, params, tokens, n, eos_id=None, masks=masks, impl=impl)  # noqa: E731
     prefill_s = timing.median_seconds(run, 1, repeats=repeats)
     full_s = timing.median_seconds(run, new_tokens, repeats=repeats)
     decode_s = full_s - prefill_s

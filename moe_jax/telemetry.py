@@ -211,12 +211,12 @@ def observe(cfg: ModelConfig, params, batches: Iterable, masks: Mapping[str, Any
 
 def active_token_latency(cfg: ModelConfig, params, *, masks: Mapping[str, Any] | None = None, batch_size: int = 8,
                          prompt_len: int = 64, new_tokens: int = 32, repeats: int = 3, seed: int = 0,
-                         prompts=None) -> dict[str, Any]:
+                         prompts=None, impl: str = "auto") -> dict[str, Any]:
     """Active Token Latency: wall seconds per token in prefill (per prompt token of the batch) and
     in decode (per generated token of a sequence, i.e. per decode step), tokens/s, peak memory.
     Same protocol as `footprint.throughput` (medians after a compiling warm-up)."""
     t = footprint.throughput(cfg, params, batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens,
-                              repeats=repeats, seed=seed, masks=masks, prompts=prompts)
+                              repeats=repeats, seed=seed, masks=masks, prompts=prompts, impl=impl)
     prefill_s = batch_size * prompt_len / t["prefill_tokens_per_s"]
     decode_s = batch_size * (new_tokens - 1) / t["decode_tokens_per_s"] if t["decode_tokens_per_s"] else None
     return {**t, "prefill_latency_ms_per_token": 1e3 * prefill_s / (batch_size * prompt_len),

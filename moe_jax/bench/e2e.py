@@ -7,7 +7,8 @@ Pathfinder 50% of experts and run-time trimming calibrated to an active-paramete
 MoE layer's achieved FLOP/s against a dense matmul of the same FLOPs; and the time Fisher
 scoring takes for N x L calibration tokens. Weights are random (nothing is downloaded); the
 scores come from `scoring.collect` on random calibration tokens, so the plans exercise the real
-selection, compaction and dispatch code but say nothing about accuracy.
+selection, compaction and dispatch code but say nothing about accuracy. `impl` picks the MoE
+dispatch path of prefill, decode and scoring (trimming's calibration keeps "auto").
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from moe_jax import footprint, pruning, scoring, synthetic, telemetry, timing, trimming
 from moe_jax.bench import dispatch as bench_dispatch
 from moe_jax.config import ModelConfig
-from moe_jax.model import decode
+from moe_jax.model import decode, moe
 from moe_jax.reporting import fmt
 
 SCORERS = ("collect", "layerwise", "both")
@@ -59,6 +60,8 @@ class E2ESettings:
     trim_target: float = 0.75
     trim_bisect_steps: int = 8
     variants: tuple[str, ...] = VARIANTS
+    impl: str = "auto"
+    program_bytes: bool = True  # compile each variant's generate once more for XLA's memory analysis
     seed: int = 0
 
     def check(self) -> None:
@@ -73,6 +76,8 @@ class E2ESettings:
         unknown = sorted(set(self.variants) - set(VARIANTS))
         if unknown:
             raise ValueError(f"variants: unknown {unknown}; expected some of {VARIANTS}")
+        if self.impl not in moe.IMPLS or self.impl == "expert_parallel":
+            raise ValueError(f"impl={self.impl!r}; expected a single-device path of {moe.IMPLS}")
         if not 0 < self.ratio < 1 or not 0 < self.trim_target <= 1:
             raise ValueError(f"ratio={self.ratio} must lie in (0, 1) and trim_target={self.trim_target} in (0, 1]")
 
@@ -100,13 +105,13 @@ def device_memory() -> dict[str, Any]:
 
 
 def generate_program_bytes(cfg: ModelConfig, params, batch: int, prompt_len: int, new_tokens: int,
-                           masks=None) -> int | None:
+                           masks=None, impl: str = "auto") -> int | None:
     """Device bytes XLA plans for the generate program (arguments + outputs + temporaries - aliased),
     from the compiled program's memory analysis: a per-model peak where the allocator's is cumulative."""
     tokens = jnp.zeros((batch, prompt_len), jnp.int32)
     lowered = decode.generate_arrays.lower(cfg, params, tokens, jnp.ones_like(tokens, bool), jax.random.PRNGKey(0),
                                      jnp.int32(-1), jnp.int32(0), masks, max_new_tokens=new_tokens, temperature=0.0,
-                                     top_p=1.0, impl="auto")
+                                     top_p=1.0, impl=impl)
     stats = lowered.compile().memory_analysis()
     if stats is None:
         return None
@@ -116,7 +121,7 @@ def generate_program_bytes(cfg: ModelConfig, params, batch: int, prompt_len: int
 
 def _speed(cfg: ModelConfig, params, s: E2ESettings, masks=None) -> dict:
     return telemetry.active_token_latency(cfg, params, masks=masks, batch_size=s.batch_size, prompt_len=s.prompt_len,
-                                          new_tokens=s.new_tokens, repeats=s.repeats, seed=s.seed)
+                                          new_tokens=s.new_tokens, repeats=s.repeats, seed=s.seed, impl=s.impl)
 
 
 def _variant_row(label: str, cfg: ModelConfig, params, s: E2ESettings, masks=None, active_fraction=None) -> dict:
@@ -128,7 +133,8 @@ def _variant_row(label: str, cfg: ModelConfig, params, s: E2ESettings, masks=Non
             "active_fraction": active_fraction, "experts_per_layer": size["experts_per_layer"],
             "prefill_tokens_per_s": [speed["prefill_tokens_per_s"]],
             "decode_tokens_per_s": [speed["decode_tokens_per_s"]],
-            "program_bytes": generate_program_bytes(cfg, params, s.batch_size, s.prompt_len, s.new_tokens, masks),
+            "program_bytes": generate_program_bytes(cfg, params, s.batch_size, s.prompt_len, s.new_tokens, masks,
+                                                    s.impl) if s.program_bytes else None,
             "device_memory": device_memory()}
 
 
@@ -138,12 +144,12 @@ def _score(cfg, params, s: E2ESettings, log) -> tuple[scoring.Scores, dict[str, 
     times, scores = {}, None
     if s.scorer in ("collect", "both"):
         scores, times["collect"] = _seconds(lambda: scoring.collect(
-            cfg, params, batches, ["fisher"], micro_batch_size=s.micro_batch_size, progress=False))
+            cfg, params, batches, ["fisher"], micro_batch_size=s.micro_batch_size, progress=False, impl=s.impl))
         log(f"fisher scoring (collect): {times['collect']:.1f} s")
     if s.scorer in ("layerwise", "both"):
         host = jax.tree_util.tree_map(np.asarray, params)
         got, times["layerwise"] = _seconds(lambda: scoring.collect_layerwise(
-            cfg, host, batches, ["fisher"], micro_batch_size=s.micro_batch_size, progress=False))
+            cfg, host, batches, ["fisher"], micro_batch_size=s.micro_batch_size, progress=False, impl=s.impl))
         del host
         scores = scores or got
         log(f"fisher scoring (layerwise): {times['layerwise']:.1f} s")
@@ -164,7 +170,8 @@ def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     traj, traj_s, policy, trim_s = None, None, None, None
     if "pathfinder" in s.variants:
         traj, traj_s = _seconds(lambda: scoring.collect(cfg, params, traj_batches, ["trajectory"],
-                                                        micro_batch_size=s.micro_batch_size, progress=False))
+                                                        micro_batch_size=s.micro_batch_size, progress=False,
+                                                        impl=s.impl))
     if "trimmed" in s.variants:
         policy, trim_s = _seconds(lambda: trimming.calibrate(cfg, params, traj_batches[:1], s.trim_target,
                                                              bisect_steps=s.trim_bisect_steps))
@@ -176,18 +183,23 @@ def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
              "pathfinder": (f"Pathfinder {pct} experts", lambda: pruning.select(cfg, traj, "pathfinder", "global",
                                                                                  s.ratio))}
 
-    variants = [("unpruned", cfg, params, None, 1.0)]
+    # Each pruned copy is built when measured and dropped after (one round), so the device holds the
+    # unpruned model and at most one copy: the full-size model's variants together outgrow an 80 GB GPU.
+    builds = [("unpruned", lambda: (cfg, params), None, 1.0)]
     for key, (label, plan) in plans.items():
         if key in s.variants:
-            cfg_p, params_p = pruning.apply(cfg, params, plan())
-            variants.append((label, cfg_p, params_p, None, None))
+            builds.append((label, lambda plan=plan: pruning.apply(cfg, params, plan()), None, None))
     if policy is not None:
-        variants.append((f"trimmed (target {s.trim_target:.2f})", cfg, params, policy.masks(cfg, params),
-                         policy.calibration["active_fraction"]))
-    rows = []
-    for label, cfg_v, params_v, masks, fraction in variants:
+        builds.append((f"trimmed (target {s.trim_target:.2f})", lambda: (cfg, params), policy.masks(cfg, params),
+                       policy.calibration["active_fraction"]))
+    rows, variants = [], []
+    for label, build, masks, fraction in builds:
+        cfg_v, params_v = build()
         rows.append(_variant_row(label, cfg_v, params_v, s, masks, fraction))
         log(str(rows[-1]))
+        if s.rounds > 1:
+            variants.append((label, cfg_v, params_v, masks, fraction))
+        del params_v
     for _ in range(s.rounds - 1):  # more rounds over all variants: load that changes moves every row alike
         for row, (_, cfg_v, params_v, masks, _) in zip(rows, variants):
             speed = _speed(cfg_v, params_v, s, masks)
@@ -207,7 +219,7 @@ def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
     layer = cfg.moe_layers[0]
     shape = bench_dispatch.LayerShape(cfg.experts_per_layer[layer], cfg.num_experts_per_tok, cfg.hidden_size,
                                       cfg.expert_widths[layer][0], s.batch_size * s.prompt_len)
-    dispatch = bench_dispatch.measure_layer(shape, dtype=s.dtype, impls=("blocked",), repeats=s.repeats,
+    dispatch = bench_dispatch.measure_layer(shape, dtype=s.dtype, impls=_layer_impls(s.impl), repeats=s.repeats,
                                             seed=s.seed)
     return {"settings": dataclasses.asdict(s), "config": cfg.to_dict(), "device": jax.devices()[0].device_kind,
             "backend": jax.default_backend(), "jax": jax.__version__, "cpu_cores": os.cpu_count(),
@@ -216,6 +228,11 @@ def run(s: E2ESettings, log: Callable[[str], None] = print) -> dict[str, Any]:
             "trajectory_seconds": traj_s, "trajectory_tokens": s.traj_sequences * s.calib_len,
             "trim_calibration_seconds": trim_s, "trim_policy": policy and policy.to_json(), "variants": rows,
             "moe_layer": {"shape": dataclasses.asdict(shape), **dispatch}, "seconds": time.perf_counter() - t_start}
+
+
+def _layer_impls(impl: str) -> tuple[str, ...]:
+    """The MoE layer's timed paths: "blocked" (what "auto" runs), and `impl` when it is another."""
+    return ("blocked",) if impl in ("auto", "blocked") else ("blocked", impl)
 
 
 def _mib(n) -> str:
@@ -236,7 +253,7 @@ def markdown(report: dict[str, Any], command: str) -> str:
         f"{cfg['shared_expert_width']}, vocab {cfg['vocab_size']}. Batch {s['batch_size']}, prompt "
         f"{s['prompt_len']}, {s['new_tokens']} new tokens; medians of {s['rounds']} round(s) over all variants of "
         f"{s['repeats']} calls "
-        f"after warm-up each. "
+        f"after warm-up each; MoE dispatch `impl={s.get('impl', 'auto')}`. "
         f"Scores from `scoring.collect` on random calibration tokens (Fisher: {s['calib_sequences']} x "
         f"{s['calib_len']}; Pathfinder's trajectories: {s['traj_sequences']} x {s['calib_len']}), so the plans are "
         f"real selections of a random model: speed and memory only, no accuracy. Total {report['seconds']:.0f} s.", "",
@@ -250,15 +267,19 @@ def markdown(report: dict[str, Any], command: str) -> str:
     layer = report["moe_layer"]
     secs, useful = layer["seconds"], layer["useful_flops"]
     sh = layer["shape"]
-    moe_rate, mm_rate = useful / secs["blocked"], useful / secs["matmul"]
+    mm_rate = useful / secs["matmul"]
     lines += [
         "", "Generate program: the bytes XLA's memory analysis plans for one `generate` call (weights, KV cache, "
         "temporaries), a per-variant peak. Device peak: the allocator's `peak_bytes_in_use`, cumulative over the "
-        "process (rows run in order; n/a where the backend reports none, as on CPU).", "",
-        f"MoE layer ({sh['tokens']} tokens, E={sh['experts']} top-{sh['top_k']} D={sh['hidden']} F={sh['width']}, "
-        f"{s['dtype']}, blocked dispatch B={layer['block_rows']}): {moe_rate / 1e12:.4f} TFLOP/s useful vs "
-        f"{mm_rate / 1e12:.4f} TFLOP/s for a dense matmul of the same FLOPs "
-        f"({useful / 1e9:.1f} GFLOP): {100 * moe_rate / mm_rate:.0f}%.", ""]
+        "process (rows run in order; n/a where the backend reports none, as on CPU).", ""]
+    for impl in _layer_impls(s.get("impl", "auto")):
+        rate = useful / secs[impl]
+        size = f"B={layer['block_rows']}" if impl == "blocked" else f"C={layer.get('tile_rows')}"
+        lines.append(f"MoE layer ({sh['tokens']} tokens, E={sh['experts']} top-{sh['top_k']} D={sh['hidden']} "
+                     f"F={sh['width']}, {s['dtype']}, {impl} dispatch {size}): {rate / 1e12:.4f} TFLOP/s useful vs "
+                     f"{mm_rate / 1e12:.4f} TFLOP/s for a dense matmul of the same FLOPs "
+                     f"({useful / 1e9:.1f} GFLOP): {100 * rate / mm_rate:.0f}%.")
+    lines.append("")
     for name, sec in report["fisher_scoring_seconds"].items():
         lines.append(f"Fisher scoring ({name}, compile included): {report['calibration_tokens']:,} tokens "
                      f"({s['calib_sequences']} x {s['calib_len']}, micro-batch {s['micro_batch_size']}) "
