@@ -20,8 +20,8 @@ read from the whole array, `jnp.dot` with float32 accumulation), compiled on GPU
 TPU grouped matmul (`gmm` / `tgmm`) on the same layout, interpreted off TPU. Widths and D are
 zero-padded to multiples of 16 (Triton's smallest dot), which copies a bucket's weights per
 call only where a width is not already such a multiple. tokamax's ragged_dot (Python >= 3.12,
-jax >= 0.11.1) is not tried. Letters beyond the package's: N rows of a tile frame (M tiles x C
-rows), I and O a grouped matmul's input and output columns.
+jax >= 0.11.1) is not tried. Shape letters as in `moe_jax.model.layout` (N: the rows of a tile
+frame, M tiles x C rows; I, O: a grouped matmul's input and output columns).
 """
 
 from __future__ import annotations

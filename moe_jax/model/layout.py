@@ -45,6 +45,7 @@ everywhere in moe_jax:
     M  blocks of the blocked dispatch         C  rows per block
     U  expert groups (group-limited routing)  g  experts per group
     X  devices on the "expert" mesh axis      L  expert slots per device
+    I  input columns of a grouped matmul      O  its output columns (`model.grouped_gemm`)
     A digit is a literal size (`spans_E2`: [first, end) per expert; `kept_T1`).
 """
 
