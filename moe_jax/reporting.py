@@ -234,23 +234,33 @@ class ResumableRuns:
 
 
 def plot_lines(path: Path, panels: dict[str, dict[str, tuple[list, list]]], xlabel: str, logx: bool,
-               ylabel: str = "exact match") -> None:
-    """One panel per entry of `panels` ({title: {line name: (xs, ys)}}), y in [0, 1], written atomically."""
+               ylabel: str | Sequence[str] = "exact match", logy: bool | Sequence[bool] = False) -> None:
+    """One panel per entry of `panels` ({title: {line name: (xs, ys)}}), written atomically.
+
+    y spans [0, 1] (exact match) unless `logy` (then a log scale fit to the data); `ylabel` and
+    `logy` are one value for every panel or one per panel."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(3.4 * len(panels), 3.0), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (title, lines) in zip(axes, panels.items()):
+    log_y = [logy] * len(panels) if isinstance(logy, bool) else list(logy)
+    for ax, (title, lines), log_scale in zip(axes, panels.items(), log_y):
         for name, (xs, ys) in lines.items():
             ax.plot(xs, ys, marker="o", ms=3, label=name)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
-        ax.set_ylim(-0.02, 1.02)
+        if log_scale:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(-0.02, 1.02)
         if logx:
             ax.set_xscale("log", base=2)
-    axes[0].set_ylabel(ylabel, fontsize=8)
-    axes[-1].legend(fontsize=7)
+    labels = [ylabel] if isinstance(ylabel, str) else list(ylabel)
+    for ax, label in zip(axes, labels):
+        ax.set_ylabel(label, fontsize=8)
+    for ax in axes if not isinstance(ylabel, str) else axes[-1:]:
+        ax.legend(fontsize=7)
     fig.savefig(str(path.with_suffix(".tmp.png")), dpi=110)
     path.with_suffix(".tmp.png").replace(path)

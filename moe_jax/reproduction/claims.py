@@ -1,0 +1,107 @@
+"""The seeds' claims as rules over the Fisher-MoE and Pathfinder launchers' reports, and their side-by-side table.
+
+Each rule reads one report (experiments/fisher_moe.py's or experiments/pathfinder.py's report.json)
+and returns (the numbers it compared, whether the claim holds). `table` applies every rule to
+several testbeds and `render` lays them out; experiments/testbed_claims.py writes the page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from moe_jax.quality import PPL_COLUMN
+
+DIM_BASELINES = ("activation", "router_weighted", "magnitude")
+EXPERT_BASELINES = ("frequency", "soft_count", "reap", "recon", "naee", "random_experts")
+HANDFUL = 16  # "a handful of dims": at most this many removed
+COLLAPSE = 0.5  # one domain loses at least this much exact match ...
+SURVIVE = 0.9  # ... while the others keep at least this share of theirs
+
+
+def em(row: dict) -> float:
+    return row["mean_em"]
+
+
+def ppl(row: dict) -> str:
+    value = row.get(PPL_COLUMN)
+    return f", ppl {value:.2f}" if isinstance(value, (int, float)) else ""
+
+
+def fisher_beats_baselines(fisher: dict, scope: str, ratio: float) -> tuple[str, bool]:
+    rows = {m: fisher["sweep"].get(f"{m}/{scope}/{ratio}") for m in ("fisher",) + DIM_BASELINES}
+    if any(r is None for r in rows.values()):
+        return "not run", False
+    text = "; ".join(f"{m} {em(r):.3f}{ppl(r)}" for m, r in rows.items())
+    return text, all(em(rows["fisher"]) > em(rows[m]) for m in DIM_BASELINES)
+
+
+def handful_carries_a_skill(fisher: dict) -> tuple[str, bool]:
+    base = {d: v["em"] for d, v in fisher["baseline"].items() if isinstance(v, dict) and "em" in v}
+    domains = list(base)
+    for key, row in fisher["sensitivity"].items():
+        k, ranking = key.split("/")
+        k = int(k.removeprefix("top"))
+        if ranking != "fisher" or k > HANDFUL:
+            continue
+        for d in domains:
+            others = [o for o in domains if o != d]
+            if (base[d] - row[d]["em"] >= COLLAPSE
+                    and all(row[o]["em"] >= SURVIVE * base[o] for o in others)):
+                alt = {r: fisher["sensitivity"].get(f"top{k}/{r}") for r in ("activation", "random")}
+                alt_text = "; ".join(f"{r}: {d} {a[d]['em']:.2f}" for r, a in alt.items() if a)
+                return (f"top {k} Fisher dims: {d} {base[d]:.2f} -> {row[d]['em']:.2f}, others keep >= "
+                        f"{SURVIVE:.0%} ({alt_text})"), True
+    worst = min(((int(key.split("/")[0][3:]), d, base[d] - row[d]["em"])
+                 for key, row in fisher["sensitivity"].items() if key.endswith("/fisher")
+                 and int(key.split("/")[0][3:]) <= HANDFUL for d in domains), key=lambda t: -t[2], default=None)
+    return ("no domain collapses" + (f" (largest drop: {worst[1]} -{worst[2]:.2f} at top {worst[0]})" if worst
+                                     else "")), False
+
+
+def global_beats_uniform(path: dict, ratio: float) -> tuple[str, bool]:
+    g, u = path["results"].get(f"pathfinder/global/{ratio}"), path["results"].get(f"pathfinder/uniform/{ratio}")
+    if g is None or u is None:
+        return "not run", False
+    return f"global {em(g):.3f}{ppl(g)}; uniform {em(u):.3f}{ppl(u)}", em(g) > em(u)
+
+
+def pathfinder_beats_local(path: dict, ratio: float) -> tuple[str, bool]:
+    runs = path["results"]
+    p = runs.get(f"pathfinder/global/{ratio}")
+    others = {k.split("/")[0] + "/" + k.split("/")[1]: r for k, r in runs.items()
+              if k.split("/")[0] in EXPERT_BASELINES and k.endswith(f"/{ratio}")}
+    if p is None or not others:
+        return "not run", False
+    best_name, best = max(others.items(), key=lambda kv: em(kv[1]))
+    return f"pathfinder {em(p):.3f}{ppl(p)}; best baseline {best_name} {em(best):.3f}{ppl(best)}", em(p) > em(best)
+
+
+CLAIMS = (
+    [(f"Fisher beats activation, router-weighted and magnitude ({scope}, 50%)", "fisher",
+      lambda f, s=scope: fisher_beats_baselines(f, s, 0.5)) for scope in ("expert", "layer", "global")]
+    + [(f"a handful (<= {HANDFUL}) of dims carry one skill", "fisher", handful_carries_a_skill)]
+    + [(f"global allocation beats uniform (Pathfinder, {r:.0%} of experts)", "pathfinder",
+        lambda p, r=r: global_beats_uniform(p, r)) for r in (0.25, 0.5)]
+    + [(f"Pathfinder beats local expert importance ({r:.0%} of experts)", "pathfinder",
+        lambda p, r=r: pathfinder_beats_local(p, r)) for r in (0.25, 0.5)]
+)
+
+
+
+
+def table(testbeds: Mapping[str, Mapping[str, dict]]) -> list[dict]:
+    """[{claim, <testbed>: {numbers, holds}}] for `testbeds` = {name: {"fisher": report, "pathfinder": report}}."""
+    return [{"claim": claim, **{name: dict(zip(("numbers", "holds"), rule(reports[stage])))
+                                for name, reports in testbeds.items()}}
+            for claim, stage, rule in CLAIMS]
+
+
+def render(rows: list[dict], names: list[str]) -> list[str]:
+    """The markdown table: per testbed its numbers and whether the claim holds, then whether all agree."""
+    lines = ["| claim | " + " | ".join(f"{n} | holds" for n in names) + " | agree |",
+             "|---|" + "---|---|" * len(names) + "---|"]
+    for row in rows:
+        holds = [row[n]["holds"] for n in names]
+        cells = " | ".join(f"{row[n]['numbers']} | {'yes' if row[n]['holds'] else 'no'}" for n in names)
+        lines.append(f"| {row['claim']} | {cells} | {'yes' if len(set(holds)) == 1 else 'no'} |")
+    return lines
