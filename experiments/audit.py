@@ -169,7 +169,8 @@ def main(argv: list[str]) -> None:
     monitor_rows = R.layout([pipeline.prompt_ids(ex, tok) for ex in skills.train_mixture(
         config.monitor.n_per_domain, config.seed + 1)], None, tok.pad_id)
     target = dormant_target(cfg, params, tok, safety_set)
-    runs = reporting.ResumableRuns(workdir / "progress.json", {"config": config.to_dict(), "model": str(path)})
+    runs = reporting.ResumableRuns(workdir / "progress.json",
+                                   {"config": config.to_dict(), "model": reporting.repo_relative(path, REPO)})
     models = Models(config, cfg, params, tok)
     critical = models.critical
     results, reference = {}, None

@@ -170,7 +170,7 @@ def main(argv: list[str]) -> None:
 
     examples = [ex for d in skills.DOMAINS for ex in skills.eval_set(d, config.n_per_domain, config.seed)]
     study = evaluation.MaskedStudy(cfg, params, tokenizer, examples, config.batch_size, workdir / "progress.json",
-                                   {"config": config.to_dict(), "model": str(path)})
+                                   {"config": config.to_dict(), "model": reporting.repo_relative(path, REPO)})
     run = measure.study_runner(study, skills_on)
 
     baseline = run("baseline", None)
@@ -209,7 +209,8 @@ def main(argv: list[str]) -> None:
         for ratio in config.ratios:
             plan = pruning.select(cfg, answer, "fisher", "global", ratio)
             ablation[ratio] = run(f"answer-only-fisher/global/{ratio:g}", pruning.masks(cfg, plan))
-    report = {"model": str(path), "device": jax.devices()[0].device_kind, "calibration_seconds": calib_s,
+    report = {"model": reporting.repo_relative(path, REPO), "device": jax.devices()[0].device_kind,
+              "calibration_seconds": calib_s,
               "scoring_cost": cost, "baseline": baseline,
               "sweep": {f"{m}/{s}/{r:g}": v for (m, s, r), v in sweep.items()},
               "sensitivity": {f"top{k}/{r}": v for (r, k), v in sensitivity.items()},

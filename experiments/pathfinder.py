@@ -188,7 +188,7 @@ def main(argv: list[str]) -> None:
 
     examples = [ex for d in skills.DOMAINS for ex in skills.eval_set(d, config.n_per_domain, config.seed)]
     study = evaluation.MaskedStudy(cfg, params, tokenizer, examples, config.batch_size, workdir / "progress.json",
-                                   {"config": config.to_dict(), "model": str(path)})
+                                   {"config": config.to_dict(), "model": reporting.repo_relative(path, REPO)})
     run = measure.study_runner(study, skills_on)
 
     baseline = run("baseline", None)
@@ -221,7 +221,8 @@ def main(argv: list[str]) -> None:
         shown = {f"{m}/{a}": p for (m, a, r), p in plans.items() if r == ratio and m in ("pathfinder", "frequency")}
         if shown:
             plot_kept(workdir / f"kept_experts_{int(ratio * 100)}.png", cfg, shown)
-    report = {"model": str(path), "device": jax.devices()[0].device_kind, "calibration_seconds": timings,
+    report = {"model": reporting.repo_relative(path, REPO), "device": jax.devices()[0].device_kind,
+              "calibration_seconds": timings,
               "recon_cost": {"this_model_layer": cost_here, "qwen1.5_layer": cost_qwen}, "baseline": baseline,
               "removal_cost": oracle, "removal_cost_seconds": oracle_s,
               "results": {f"{m}/{a}/{r:g}": v for (m, a, r), v in results.items()},

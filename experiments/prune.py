@@ -153,7 +153,8 @@ def main(argv: list[str]) -> None:
     except (FileNotFoundError, ValueError) as err:  # train.TrainError and harness.HarnessError are ValueErrors
         raise app.UsageError(str(err)) from None
     params = launch.place(cfg, params, mesh)  # sharded when --mesh, else as loaded
-    print(f"Model: {path} ({cfg.model_type}, {footprint.model_size(cfg, params)['total']:,} params)")
+    print(f"Model: {reporting.repo_relative(path, REPO)} ({cfg.model_type}, "
+          f"{footprint.model_size(cfg, params)['total']:,} params)")
     runs = [("baseline", evaluate_run("baseline", cfg, params, tokenizer, settings, workdir, lm_eval))]
     if not methods:
         note = ("No pruning methods configured (config.methods is empty): only the baseline was evaluated. "
@@ -180,7 +181,7 @@ def main(argv: list[str]) -> None:
         runs.append((label, evaluate_run(label, pruned_cfg, pruned_params, tokenizer, settings, workdir, lm_eval)))
     table = reporting.comparison_table(runs)
     print(f"\n## Before / after pruning\n\n{table}")
-    text = f"# Before / after pruning\n\nModel: {path}\n\n{table}\n"
+    text = f"# Before / after pruning\n\nModel: {reporting.repo_relative(path, REPO)}\n\n{table}\n"
     if not methods:
         text += f"\n{note}\n"
     if not any(r.get("exact_match") or r.get("lm_eval") or reporting.TEXT_DOMAIN in r.get("perplexity", {})

@@ -38,6 +38,7 @@ from ml_collections import config_flags
 
 from moe_jax import (
     launch,  # noqa: F401  (defines --mesh, passed on to a paper config's main job)
+    reporting,
     timing,
 )
 from moe_jax.reporting import atomic_write
@@ -81,7 +82,7 @@ def reproduce_paper(config, workdir: Path) -> None:
                              f"{config.paper.checkpoint} (or --config.smoke=True for a tiny stand-in run)")
     else:
         overrides = user
-    config_file = stages.repo_relative(Path(config_flags.get_config_filename(FLAGS["config"])).resolve(), REPO)
+    config_file = reporting.repo_relative(Path(config_flags.get_config_filename(FLAGS["config"])).resolve(), REPO)
     stage = stages.Stage("paper", "experiments/prune.py", config_file, ("comparison.md",),
                          fixed_flags=(f"--mesh={FLAGS.mesh}",) if FLAGS.mesh else ())
     model = Path(overrides.pop("model_path", config.model_path)).expanduser().resolve()
@@ -148,7 +149,7 @@ def main(argv: list[str]) -> None:
         for name in config.stages:
             run(name, model, model_id)
 
-    results = results_page.collect(workdir, config, records, failures, stages.repo_relative(model, REPO),
+    results = results_page.collect(workdir, config, records, failures, reporting.repo_relative(model, REPO),
                                    quick=config.quick, seconds=time.time() - t0)
     atomic_write(workdir / "results.json", json.dumps(results, indent=1, allow_nan=False))
     atomic_write(workdir / "RESULTS.md", results_page.render(results))

@@ -32,11 +32,6 @@ flags.DEFINE_integer("prose_rows", 64, "Rows of held-out generic text for its pe
 flags.DEFINE_integer("seq_len", 128, "Row length of the generic-text perplexity (within every model's positions).")
 
 
-def relative(path: Path) -> str:
-    path = path.resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
-
-
 def read_metrics(path: Path) -> list[dict]:
     try:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -68,7 +63,8 @@ def evaluate(name: str, path: Path) -> dict:
     summary = json.loads((path / "train_summary.json").read_text())
     m = summary.get("config", {}).get("model", {})
     return {
-        "path": relative(path), "vocab_size": cfg.vocab_size, "params": summary.get("params"),
+        "path": reporting.repo_relative(path.resolve(), REPO), "vocab_size": cfg.vocab_size,
+        "params": summary.get("params"),
         "architecture": f"{m.get('num_layers')} layers, {m.get('num_experts')} routed experts x width "
                         f"{m.get('moe_intermediate_size')}, top-{m.get('num_experts_per_tok')}, shared "
                         f"{m.get('shared_expert_width')}",

@@ -108,7 +108,8 @@ def main(argv: list[str]) -> None:
         held_rows = measure.held_out
     lat = config.latency
     prompts = real_prompts(tok, examples[::7], lat.batch_size, lat.prompt_len)
-    runs = reporting.ResumableRuns(workdir / "progress.json", {"config": config.to_dict(), "model": str(path)})
+    runs = reporting.ResumableRuns(workdir / "progress.json",
+                                   {"config": config.to_dict(), "model": reporting.repo_relative(path, REPO)})
     (workdir / "policies").mkdir(exist_ok=True)
 
     models = {"standard": (cfg, params)}
@@ -206,7 +207,8 @@ def main(argv: list[str]) -> None:
         t.plots(workdir / "telemetry" / name)
         tel[name] = {"summary": t.summary(), "table": t.table()}
 
-    report = {"config": config.to_dict(), "model": str(path), "device": jax.devices()[0].device_kind,
+    report = {"config": config.to_dict(), "model": reporting.repo_relative(path, REPO),
+              "device": jax.devices()[0].device_kind,
               "calibration": calibrations,
               "results": results, "sweep": sweep, "telemetry": {k: v["summary"] for k, v in tel.items()},
               "seconds": time.perf_counter() - t_start}

@@ -120,6 +120,13 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def repo_relative(path: Path, repo: Path) -> str:
+    """`path` relative to the repository when it lies inside it, so that commands, reports and
+    records hold no machine paths; else as given."""
+    path = Path(path)
+    return str(path.relative_to(repo)) if path.is_relative_to(repo) else str(path)
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write `data` to a temporary file beside `path`, then rename it over `path` (never half-written).
     Missing parent directories are created."""

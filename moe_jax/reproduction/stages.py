@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from moe_jax import reporting
 from moe_jax.reporting import atomic_write
 
 MARKER = "STAGE.json"
@@ -81,20 +82,13 @@ def flag_args(overrides: Mapping[str, Any], prefix: str) -> list[str]:
     return out
 
 
-def repo_relative(path: Path, repo: Path) -> str:
-    """`path` relative to the repository when it lies inside it (stages run with cwd=repo), so
-    commands and records hold no machine paths; else as given."""
-    path = Path(path)
-    return str(path.relative_to(repo)) if path.is_relative_to(repo) else str(path)
-
-
 def command(stage: Stage, repo: Path, workdir: Path, overrides: Mapping[str, Any], model: Path | None) -> list[str]:
     """The launcher's command line for this stage (run with cwd=repo)."""
     args = [sys.executable, stage.script]
     if stage.config is not None:
         args += [f"--config={stage.config}", f"--workdir={workdir}"]
         if stage.uses_model and model is not None:
-            args.append(f"--config.model_path={repo_relative(model, repo)}")
+            args.append(f"--config.model_path={reporting.repo_relative(model, repo)}")
         args += flag_args(overrides, "--config.")
     else:
         args += flag_args(overrides, "--")
