@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from moe_jax.quality import PPL_COLUMN
 from moe_jax.reproduction import claims
 
 DOMAINS = ("arithmetic", "facts", "code", "language", "safety")
@@ -37,7 +38,7 @@ def test_fisher_rule_needs_fisher_above_every_baseline():
     assert claims.fisher_beats_baselines(fisher_report(0.5, 0.4, {}), "layer", 0.5)[1]
     text, holds = claims.fisher_beats_baselines(fisher_report(0.5, 0.6, {}), "layer", 0.5)
     assert not holds and "magnitude 0.600" in text
-    assert claims.fisher_beats_baselines(fisher_report(0.5, 0.4, {}), "layer", 0.75) == ("not run", False)
+    assert claims.fisher_beats_baselines(fisher_report(0.5, 0.4, {}), "layer", 0.75) == ("not run", None)
 
 
 @pytest.mark.parametrize("top4, holds", [
@@ -71,4 +72,22 @@ def test_table_and_render_mark_agreement():
     fisher_line = next(line for line in lines if line.startswith("| Fisher beats") and "(expert, 50%)" in line)
     cells = [c.strip() for c in fisher_line.strip("|").split("|")]
     assert (cells[2], cells[4], cells[5]) == ("no", "yes", "no")  # fails on old, holds on new: they disagree
-    assert all(line.endswith("| yes | yes |") for line in lines[2:] if "Pathfinder" in line or "allocation" in line)
+    by_accuracy = [line for line in lines[2:] if "perplexity" not in line]
+    assert all(line.endswith("| yes | yes |") for line in by_accuracy if "Pathfinder" in line or "allocation" in line)
+    # No run measured perplexity: those claims are n/a on both, and so is their agreement.
+    assert all(line.endswith("| not measured | n/a | n/a |") for line in lines[2:] if "perplexity" in line)
+
+
+def test_perplexity_rules_read_the_quality_column():
+    report = fisher_report(0.5, 0.4, {})
+    for method, value in (("fisher", 4.0), ("activation", 4.2), ("router_weighted", 4.1), ("magnitude", 6.0)):
+        report["sweep"][f"{method}/global/0.5"]["quality"] = {PPL_COLUMN: value}
+    text, holds = claims.fisher_beats_baselines_by_ppl(report, "global", 0.5)
+    assert holds and text.startswith("fisher 4.000; activation 4.200")
+    report["sweep"]["router_weighted/global/0.5"]["quality"] = {PPL_COLUMN: 3.9}
+    assert claims.fisher_beats_baselines_by_ppl(report, "global", 0.5)[1] is False
+    path = pathfinder_report(0.8, 0.5, 0.7)
+    path["results"]["pathfinder/global/0.25"]["quality"] = {PPL_COLUMN: 4.0}
+    path["results"]["reap/global/0.25"]["quality"] = {PPL_COLUMN: 3.5}
+    text, holds = claims.pathfinder_beats_local_by_ppl(path, 0.25)
+    assert holds is False and "best baseline reap/global 3.500" in text

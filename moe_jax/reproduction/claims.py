@@ -1,7 +1,9 @@
 """The seeds' claims as rules over the Fisher-MoE and Pathfinder launchers' reports, and their side-by-side table.
 
 Each rule reads one report (experiments/fisher_moe.py's or experiments/pathfinder.py's report.json)
-and returns (the numbers it compared, whether the claim holds). `table` applies every rule to
+and returns (the numbers it compared, whether the claim holds). Accuracy is the mean held-out exact
+match of the skills domains; perplexity, where the run measured it, is on held-out text
+(`eval.data`), lower is better. `table` applies every rule to
 several testbeds and `render` lays them out; experiments/testbed_claims.py writes the page.
 """
 
@@ -22,20 +24,47 @@ def em(row: dict) -> float:
     return row["mean_em"]
 
 
+def perplexity(row: dict) -> float | None:
+    """The row's held-out text perplexity (the launchers' quality column), or None if not measured."""
+    value = row.get("quality", {}).get(PPL_COLUMN)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def ppl(row: dict) -> str:
-    value = row.get(PPL_COLUMN)
-    return f", ppl {value:.2f}" if isinstance(value, (int, float)) else ""
+    value = perplexity(row)
+    return "" if value is None else f", ppl {value:.2f}"
 
 
-def fisher_beats_baselines(fisher: dict, scope: str, ratio: float) -> tuple[str, bool]:
+def fisher_beats_baselines_by_ppl(fisher: dict, scope: str, ratio: float) -> tuple[str, bool | None]:
+    rows = {m: fisher["sweep"].get(f"{m}/{scope}/{ratio}") for m in ("fisher",) + DIM_BASELINES}
+    if any(r is None or perplexity(r) is None for r in rows.values()):
+        return "not measured", None
+    text = "; ".join(f"{m} {perplexity(r):.3f}" for m, r in rows.items())
+    return text, all(perplexity(rows["fisher"]) < perplexity(rows[m]) for m in DIM_BASELINES)
+
+
+def pathfinder_beats_local_by_ppl(path: dict, ratio: float) -> tuple[str, bool | None]:
+    runs = path["results"]
+    p = runs.get(f"pathfinder/global/{ratio}")
+    others = {"/".join(k.split("/")[:2]): r for k, r in runs.items()
+              if k.split("/")[0] in EXPERT_BASELINES and k.endswith(f"/{ratio}") and perplexity(r) is not None}
+    if p is None or perplexity(p) is None or not others:
+        return "not measured", None
+    best_name, best = min(others.items(), key=lambda kv: perplexity(kv[1]))
+    return (f"pathfinder {perplexity(p):.3f}; best baseline {best_name} {perplexity(best):.3f}",
+            perplexity(p) < perplexity(best))
+
+
+# Each rule: (the numbers it compared, whether the claim holds: True, False, or None when not measured).
+def fisher_beats_baselines(fisher: dict, scope: str, ratio: float) -> tuple[str, bool | None]:
     rows = {m: fisher["sweep"].get(f"{m}/{scope}/{ratio}") for m in ("fisher",) + DIM_BASELINES}
     if any(r is None for r in rows.values()):
-        return "not run", False
+        return "not run", None
     text = "; ".join(f"{m} {em(r):.3f}{ppl(r)}" for m, r in rows.items())
     return text, all(em(rows["fisher"]) > em(rows[m]) for m in DIM_BASELINES)
 
 
-def handful_carries_a_skill(fisher: dict) -> tuple[str, bool]:
+def handful_carries_a_skill(fisher: dict) -> tuple[str, bool | None]:
     base = {d: v["em"] for d, v in fisher["baseline"].items() if isinstance(v, dict) and "em" in v}
     domains = list(base)
     for key, row in fisher["sensitivity"].items():
@@ -58,20 +87,20 @@ def handful_carries_a_skill(fisher: dict) -> tuple[str, bool]:
                                      else "")), False
 
 
-def global_beats_uniform(path: dict, ratio: float) -> tuple[str, bool]:
+def global_beats_uniform(path: dict, ratio: float) -> tuple[str, bool | None]:
     g, u = path["results"].get(f"pathfinder/global/{ratio}"), path["results"].get(f"pathfinder/uniform/{ratio}")
     if g is None or u is None:
-        return "not run", False
+        return "not run", None
     return f"global {em(g):.3f}{ppl(g)}; uniform {em(u):.3f}{ppl(u)}", em(g) > em(u)
 
 
-def pathfinder_beats_local(path: dict, ratio: float) -> tuple[str, bool]:
+def pathfinder_beats_local(path: dict, ratio: float) -> tuple[str, bool | None]:
     runs = path["results"]
     p = runs.get(f"pathfinder/global/{ratio}")
     others = {k.split("/")[0] + "/" + k.split("/")[1]: r for k, r in runs.items()
               if k.split("/")[0] in EXPERT_BASELINES and k.endswith(f"/{ratio}")}
     if p is None or not others:
-        return "not run", False
+        return "not run", None
     best_name, best = max(others.items(), key=lambda kv: em(kv[1]))
     return f"pathfinder {em(p):.3f}{ppl(p)}; best baseline {best_name} {em(best):.3f}{ppl(best)}", em(p) > em(best)
 
@@ -79,11 +108,15 @@ def pathfinder_beats_local(path: dict, ratio: float) -> tuple[str, bool]:
 CLAIMS = (
     [(f"Fisher beats activation, router-weighted and magnitude ({scope}, 50%)", "fisher",
       lambda f, s=scope: fisher_beats_baselines(f, s, 0.5)) for scope in ("expert", "layer", "global")]
+    + [("Fisher beats activation, router-weighted and magnitude by held-out perplexity (global, 50%)", "fisher",
+        lambda f: fisher_beats_baselines_by_ppl(f, "global", 0.5))]
     + [(f"a handful (<= {HANDFUL}) of dims carry one skill", "fisher", handful_carries_a_skill)]
     + [(f"global allocation beats uniform (Pathfinder, {r:.0%} of experts)", "pathfinder",
         lambda p, r=r: global_beats_uniform(p, r)) for r in (0.25, 0.5)]
     + [(f"Pathfinder beats local expert importance ({r:.0%} of experts)", "pathfinder",
         lambda p, r=r: pathfinder_beats_local(p, r)) for r in (0.25, 0.5)]
+    + [("Pathfinder beats local expert importance by held-out perplexity (25% of experts)", "pathfinder",
+        lambda p: pathfinder_beats_local_by_ppl(p, 0.25))]
 )
 
 
@@ -97,11 +130,14 @@ def table(testbeds: Mapping[str, Mapping[str, dict]]) -> list[dict]:
 
 
 def render(rows: list[dict], names: list[str]) -> list[str]:
-    """The markdown table: per testbed its numbers and whether the claim holds, then whether all agree."""
+    """The markdown table: per testbed its numbers and whether the claim holds, then whether the
+    testbeds that measured it agree."""
     lines = ["| claim | " + " | ".join(f"{n} | holds" for n in names) + " | agree |",
              "|---|" + "---|---|" * len(names) + "---|"]
+    word = {True: "yes", False: "no", None: "n/a"}
     for row in rows:
-        holds = [row[n]["holds"] for n in names]
-        cells = " | ".join(f"{row[n]['numbers']} | {'yes' if row[n]['holds'] else 'no'}" for n in names)
-        lines.append(f"| {row['claim']} | {cells} | {'yes' if len(set(holds)) == 1 else 'no'} |")
+        measured = {row[n]["holds"] for n in names} - {None}
+        cells = " | ".join(f"{row[n]['numbers']} | {word[row[n]['holds']]}" for n in names)
+        agree = "n/a" if len(measured) == 0 else word[len(measured) == 1]
+        lines.append(f"| {row['claim']} | {cells} | {agree} |")
     return lines
