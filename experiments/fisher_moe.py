@@ -44,6 +44,7 @@ from moe_jax.data import skills
 from moe_jax.model import transformer
 from moe_jax.reporting import fmt
 from moe_jax.reproduction import results_page
+from moe_jax.scoring import calibration
 from moe_jax.scoring.collect import calibration_rows, micro_batches, score_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,8 +252,7 @@ def render_report(config, report, baseline, sweep, sensitivity, memory, speed, c
     prompts = (f"{config.n_per_domain} held-out prompts per domain" if skills_on else
                "skills exact match skipped (not the built-in byte tokenizer)")
     lines = [f"# Fisher-MoE on {report['model']}", "",
-             f"Device: {report['device']}; {prompts}; calibration "
-             f"{config.calibration.data} ({config.calibration.n_per_domain}/domain). "
+             f"Device: {report['device']}; {prompts}; calibration {calibration.describe(config.calibration)}. "
              f"Total {report['seconds']:.0f} s.",
              "", "## Method x scope x ratio (routed-expert dims removed)", "", head, sep, row("unpruned", baseline)]
     lines += [row(f"{m} / {s} / {r:g}", v) for (m, s, r), v in sweep.items()]

@@ -42,7 +42,7 @@ from moe_jax.config import ModelConfig
 from moe_jax.data import skills
 from moe_jax.reporting import fmt
 from moe_jax.reproduction import results_page
-from moe_jax.scoring import trajectory
+from moe_jax.scoring import calibration, trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -248,8 +248,8 @@ def render(config, report, baseline, results) -> str:
     prompts = (f"{config.n_per_domain} held-out prompts per domain" if skills_on else
                "skills exact match skipped (not the built-in byte tokenizer)")
     lines = [f"# MoE Pathfinder on {Path(report['model']).name}", "",
-             f"Device: {report['device']}; {prompts}; calibration "
-             f"{config.calibration.data} ({config.calibration.n_per_domain}/domain). Total {report['seconds']:.0f} s.",
+             f"Device: {report['device']}; {prompts}; calibration {calibration.describe(config.calibration)}. "
+             f"Total {report['seconds']:.0f} s.",
              "", "## Experts removed", "", head, sep,
              "| " + " | ".join(["unpruned", "all", *cells(baseline), "1.00"]) + " |"]
     for (m, a, r), v in sorted(results.items(), key=lambda x: (x[0][2], -x[1].get("mean_em", 0))):
@@ -257,8 +257,8 @@ def render(config, report, baseline, results) -> str:
                                         f"{v['routed_bytes_kept']:.2f}"]) + " |")
     if report["removal_cost"]:
         lines += ["", "## Single-expert removal (the oracle)", "",
-                  f"Rise of the summed answer loss (nats) of the {config.calibration.n_per_domain}/domain calibration "
-                  f"examples when one expert is removed ({report['removal_cost_seconds']:.0f} s).", ""]
+                  f"Rise of the summed answer loss (nats) of the {calibration.describe(config.calibration)} "
+                  f"calibration examples when one expert is removed ({report['removal_cost_seconds']:.0f} s).", ""]
         lines += results_page.removal_cost_table(report["removal_cost"])
     t = report["calibration_seconds"]
     lines += ["", "## Calibration cost", "", "| statistics | seconds |", "|---|---:|"]

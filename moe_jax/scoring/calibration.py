@@ -57,3 +57,13 @@ def calibration_batches_from_config(c, tokenizer: Tokenizer, **overrides) -> lis
     kwargs = {k: c[k] for k in ("n_per_domain", "seq_len", "batch_size", "seed", "max_rows", "answer_only") if k in c}
     kwargs.update(overrides)
     return calibration_batches(c["data"], tokenizer, **kwargs)
+
+
+def describe(c) -> str:
+    """A launcher's ``config.calibration`` in a report's words: "skills:train (64/domain)", or for
+    text "prose:train (320 rows of 64 tokens)"."""
+    c = dict(c.to_dict() if hasattr(c, "to_dict") else c)
+    if c["data"].startswith("skills:"):
+        return f"{c['data']} ({c['n_per_domain']}/domain)"
+    rows = f"{c['max_rows']} rows" if c.get("max_rows") else "all rows"
+    return f"{c['data']} ({rows} of {c['seq_len']} tokens)"
