@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax.config import ExpertBucket, ModelConfig
-from moe_jax.model import grouped_gemm, kernels
+from moe_jax.model import grouped_gemm, kernels, tiles
 from moe_jax.model.kernels import swiglu
 
 LOCAL_IMPLS = ("auto", "dense", "ragged", "blocked", "gather", *grouped_gemm.BACKENDS)
@@ -328,24 +328,12 @@ def _blocked(info, experts_params, x_TD, rows, mask, seq_id_T, collect_stats, C)
     """
     T, D = x_TD.shape
     R, E = rows.exp_R.shape[0], info.E
-    M = max(1, min((R + min(E, R) * (C - 1)) // C, E * -(-T // C)))
-
-    # Layout: p = the expert's position in bucket order; sorted row -> slot = block * C + offset.
-    # Rows dropped by trimming get position E: sorted last, in no block, never run (output 0).
-    pos_R = jnp.asarray(np.argsort(info.order).astype(np.int32))[rows.exp_R]
-    if rows.active_R is not None:
-        pos_R = jnp.where(rows.active_R, pos_R, E)
-    perm = jnp.argsort(pos_R, stable=True)
-    sizes_E = jnp.bincount(pos_R, length=E + 1)[:E].astype(jnp.int32)
-    blocks_E = (sizes_E + C - 1) // C
+    M = tiles.max_tiles(R, E, T, C)
+    # Each expert's rows start a fresh block: its first block follows the blocks of the experts before it.
+    order = tiles.sort_rows(info.order, rows.exp_R, rows.active_R)
+    blocks_E = (order.sizes_E + C - 1) // C
     blk_end_E = jnp.cumsum(blocks_E)
-    pos_sorted = pos_R[perm]
-    run_sorted, pos_sorted = pos_sorted < E, jnp.minimum(pos_sorted, E - 1)
-    rank_sorted = jnp.arange(R, dtype=jnp.int32) - (jnp.cumsum(sizes_E) - sizes_E)[pos_sorted]
-    slot_sorted = jnp.where(run_sorted, (blk_end_E - blocks_E)[pos_sorted] * C + rank_sorted, M * C)
-    slot_R = jnp.zeros(R, jnp.int32).at[perm].set(slot_sorted, unique_indices=True)
-    src_N = jnp.full(M * C + 1, R, jnp.int32).at[slot_sorted].set(perm)[:M * C]  # slot M*C: dropped rows
-    filled_N, src_N = src_N < R, jnp.minimum(src_N, R - 1)  # empty slots hold zeros
+    slot_R, src_N, filled_N = tiles.place(order, blk_end_E - blocks_E, C, M * C)
 
     x_MCD = jnp.where(filled_N[:, None], x_TD[rows.tok_R[src_N]], 0).reshape(M, C, D)
     seq_MC = None if mask is None or mask.ndim == 2 else seq_id_T[rows.tok_R[src_N]].reshape(M, C)

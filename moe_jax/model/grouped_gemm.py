@@ -39,6 +39,8 @@ from jax.experimental.pallas import triton as plgpu
 from jax.experimental.pallas.ops.tpu.megablox.gmm import gmm as megablox_gmm
 from jax.experimental.pallas.ops.tpu.megablox.gmm import tgmm as megablox_tgmm
 
+from moe_jax.model import tiles
+
 BACKENDS = ("pallas", "megablox")
 MIN_TILE = 16  # the smallest side of a Triton dot; dims are padded to a multiple of it
 MAX_TILE_ROWS = 128
@@ -274,30 +276,20 @@ class _Layout(NamedTuple):
 
 def _layout(info, rows, T: int, C: int) -> _Layout:
     """One stable sort for all buckets by the expert's position in bucket order (trimmed rows last)."""
-    R, E = rows.exp_R.shape[0], info.E
+    R = rows.exp_R.shape[0]
     n_b = [len(b.expert_ids) for b in info.buckets]
-    M_b = [max(1, min((R + min(n, R) * (C - 1)) // C, n * -(-T // C))) for n in n_b]  # >= sum_e ceil(n_e / C)
+    M_b = [tiles.max_tiles(R, n, T, C) for n in n_b]
     off = np.concatenate([[0], np.cumsum(M_b)]).astype(np.int32)
     n_slots = int(off[-1]) * C
     bucket_E = np.repeat(np.arange(len(n_b)), n_b)
     first_E = np.concatenate([[0], np.cumsum(n_b)])[bucket_E]  # the first position of each expert's bucket
 
-    pos_R = jnp.asarray(np.argsort(info.order).astype(np.int32))[rows.exp_R]
-    if rows.active_R is not None:
-        pos_R = jnp.where(rows.active_R, pos_R, E)
-    perm = jnp.argsort(pos_R, stable=True)
-    sizes_E = jnp.bincount(pos_R, length=E + 1)[:E].astype(jnp.int32)
-    tiles_E = (sizes_E + C - 1) // C
+    order = tiles.sort_rows(info.order, rows.exp_R, rows.active_R)
+    tiles_E = (order.sizes_E + C - 1) // C
     cum_E = jnp.cumsum(tiles_E)
     end_E = cum_E - jnp.concatenate([jnp.zeros(1, cum_E.dtype), cum_E])[first_E]
     tile0_E = jnp.asarray(off[bucket_E]) + end_E - tiles_E  # each expert's first tile in the whole frame
-    pos_sorted = pos_R[perm]
-    run_sorted, e_sorted = pos_sorted < E, jnp.minimum(pos_sorted, E - 1)
-    rank_sorted = jnp.arange(R, dtype=jnp.int32) - (jnp.cumsum(sizes_E) - sizes_E)[e_sorted]
-    slot_sorted = jnp.where(run_sorted, tile0_E[e_sorted] * C + rank_sorted, n_slots)
-    slot_R = jnp.zeros(R, jnp.int32).at[perm].set(slot_sorted, unique_indices=True)
-    src_N = jnp.full(n_slots + 1, R, jnp.int32).at[slot_sorted].set(perm)[:n_slots]
-    filled_N, src_N = src_N < R, jnp.minimum(src_N, R - 1)
+    slot_R, src_N, filled_N = tiles.place(order, tile0_E, C, n_slots)
     tok_N = jnp.where(filled_N, rows.tok_R[src_N], -1)
     return _Layout(off, slot_R, src_N, filled_N, tok_N, tiles_E, end_E)
 
