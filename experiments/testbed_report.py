@@ -55,7 +55,7 @@ def curves(records: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:
     return {"cross-entropy (nats/token)": ce, "held-out exact match": em}
 
 
-def evaluate(name: str, path: Path) -> dict:
+def evaluate(path: Path) -> dict:
     cfg, params = evaluation.load_model(path)
     settings = evaluation.EvalSettings(n_per_domain=FLAGS.n_per_domain, data="prose:eval", data_rows=FLAGS.prose_rows,
                                        seq_len=FLAGS.seq_len, throughput=False)
@@ -122,7 +122,7 @@ def main(argv: list[str]) -> None:
         name, sep, path = entry.partition("=")
         if not sep or not (Path(path) / "config.json").is_file():
             raise app.UsageError(f"--models entry {entry!r}: expected name=<checkpoint directory with config.json>")
-        models[name] = evaluate(name, Path(path))
+        models[name] = evaluate(Path(path))
     reporting.plot_lines(out / "curve.png", curves(records), "step", logx=False,
                          ylabel=["nats/token", "exact match"], logy=[True, False])
     reporting.atomic_write(out / "report.json", json.dumps(reporting.jsonable(models), indent=1, allow_nan=False))

@@ -267,7 +267,9 @@ def plot_lines(path: Path, panels: dict[str, dict[str, tuple[list, list]]], xlab
     labels = [ylabel] if isinstance(ylabel, str) else list(ylabel)
     for ax, label in zip(axes, labels):
         ax.set_ylabel(label, fontsize=8)
-    for ax in axes if not isinstance(ylabel, str) else axes[-1:]:
-        ax.legend(fontsize=7)
+    last_lines = list(panels.values())[-1].keys()
+    for ax, lines in zip(axes, panels.values()):  # the last panel's legend, and any panel with other lines
+        if ax is axes[-1] or lines.keys() != last_lines:
+            ax.legend(fontsize=7)
     fig.savefig(str(path.with_suffix(".tmp.png")), dpi=110)
     path.with_suffix(".tmp.png").replace(path)

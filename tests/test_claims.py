@@ -82,12 +82,12 @@ def test_perplexity_rules_read_the_quality_column():
     report = fisher_report(0.5, 0.4, {})
     for method, value in (("fisher", 4.0), ("activation", 4.2), ("router_weighted", 4.1), ("magnitude", 6.0)):
         report["sweep"][f"{method}/global/0.5"]["quality"] = {PPL_COLUMN: value}
-    text, holds = claims.fisher_beats_baselines_by_ppl(report, "global", 0.5)
+    text, holds = claims.fisher_beats_baselines(report, "global", 0.5, by_ppl=True)
     assert holds and text.startswith("fisher 4.000; activation 4.200")
     report["sweep"]["router_weighted/global/0.5"]["quality"] = {PPL_COLUMN: 3.9}
-    assert claims.fisher_beats_baselines_by_ppl(report, "global", 0.5)[1] is False
+    assert claims.fisher_beats_baselines(report, "global", 0.5, by_ppl=True)[1] is False
     path = pathfinder_report(0.8, 0.5, 0.7)
     path["results"]["pathfinder/global/0.25"]["quality"] = {PPL_COLUMN: 4.0}
     path["results"]["reap/global/0.25"]["quality"] = {PPL_COLUMN: 3.5}
-    text, holds = claims.pathfinder_beats_local_by_ppl(path, 0.25)
+    text, holds = claims.pathfinder_beats_local(path, 0.25, by_ppl=True)
     assert holds is False and "best baseline reap/global 3.500" in text

@@ -35,33 +35,28 @@ def ppl(row: dict) -> str:
     return "" if value is None else f", ppl {value:.2f}"
 
 
-def fisher_beats_baselines_by_ppl(fisher: dict, scope: str, ratio: float) -> tuple[str, bool | None]:
-    rows = {m: fisher["sweep"].get(f"{m}/{scope}/{ratio}") for m in ("fisher",) + DIM_BASELINES}
-    if any(r is None or perplexity(r) is None for r in rows.values()):
-        return "not measured", None
-    text = "; ".join(f"{m} {perplexity(r):.3f}" for m, r in rows.items())
-    return text, all(perplexity(rows["fisher"]) < perplexity(rows[m]) for m in DIM_BASELINES)
+def score(row: dict, by_ppl: bool) -> float | None:
+    """What a rule compares: mean exact match, or held-out perplexity (`by_ppl`, lower is better)."""
+    return perplexity(row) if by_ppl else em(row)
 
 
-def pathfinder_beats_local_by_ppl(path: dict, ratio: float) -> tuple[str, bool | None]:
-    runs = path["results"]
-    p = runs.get(f"pathfinder/global/{ratio}")
-    others = {"/".join(k.split("/")[:2]): r for k, r in runs.items()
-              if k.split("/")[0] in EXPERT_BASELINES and k.endswith(f"/{ratio}") and perplexity(r) is not None}
-    if p is None or perplexity(p) is None or not others:
-        return "not measured", None
-    best_name, best = min(others.items(), key=lambda kv: perplexity(kv[1]))
-    return (f"pathfinder {perplexity(p):.3f}; best baseline {best_name} {perplexity(best):.3f}",
-            perplexity(p) < perplexity(best))
+def beats(a: dict, b: dict, by_ppl: bool) -> bool:
+    return score(a, by_ppl) < score(b, by_ppl) if by_ppl else score(a, by_ppl) > score(b, by_ppl)
+
+
+def shown(row: dict, by_ppl: bool) -> str:
+    return f"{perplexity(row):.3f}" if by_ppl else f"{em(row):.3f}{ppl(row)}"
 
 
 # Each rule: (the numbers it compared, whether the claim holds: True, False, or None when not measured).
-def fisher_beats_baselines(fisher: dict, scope: str, ratio: float) -> tuple[str, bool | None]:
+def fisher_beats_baselines(fisher: dict, scope: str, ratio: float, by_ppl: bool = False) -> tuple[str, bool | None]:
     rows = {m: fisher["sweep"].get(f"{m}/{scope}/{ratio}") for m in ("fisher",) + DIM_BASELINES}
     if any(r is None for r in rows.values()):
         return "not run", None
-    text = "; ".join(f"{m} {em(r):.3f}{ppl(r)}" for m, r in rows.items())
-    return text, all(em(rows["fisher"]) > em(rows[m]) for m in DIM_BASELINES)
+    if any(score(r, by_ppl) is None for r in rows.values()):
+        return "not measured", None
+    text = "; ".join(f"{m} {shown(r, by_ppl)}" for m, r in rows.items())
+    return text, all(beats(rows["fisher"], rows[m], by_ppl) for m in DIM_BASELINES)
 
 
 def handful_carries_a_skill(fisher: dict) -> tuple[str, bool | None]:
@@ -94,29 +89,33 @@ def global_beats_uniform(path: dict, ratio: float) -> tuple[str, bool | None]:
     return f"global {em(g):.3f}{ppl(g)}; uniform {em(u):.3f}{ppl(u)}", em(g) > em(u)
 
 
-def pathfinder_beats_local(path: dict, ratio: float) -> tuple[str, bool | None]:
+def pathfinder_beats_local(path: dict, ratio: float, by_ppl: bool = False) -> tuple[str, bool | None]:
     runs = path["results"]
     p = runs.get(f"pathfinder/global/{ratio}")
-    others = {k.split("/")[0] + "/" + k.split("/")[1]: r for k, r in runs.items()
+    others = {"/".join(k.split("/")[:2]): r for k, r in runs.items()
               if k.split("/")[0] in EXPERT_BASELINES and k.endswith(f"/{ratio}")}
     if p is None or not others:
         return "not run", None
-    best_name, best = max(others.items(), key=lambda kv: em(kv[1]))
-    return f"pathfinder {em(p):.3f}{ppl(p)}; best baseline {best_name} {em(best):.3f}{ppl(best)}", em(p) > em(best)
+    others = {k: r for k, r in others.items() if score(r, by_ppl) is not None}
+    if score(p, by_ppl) is None or not others:
+        return "not measured", None
+    best_name, best = (min if by_ppl else max)(others.items(), key=lambda kv: score(kv[1], by_ppl))
+    return (f"pathfinder {shown(p, by_ppl)}; best baseline {best_name} {shown(best, by_ppl)}",
+            beats(p, best, by_ppl))
 
 
 CLAIMS = (
     [(f"Fisher beats activation, router-weighted and magnitude ({scope}, 50%)", "fisher",
       lambda f, s=scope: fisher_beats_baselines(f, s, 0.5)) for scope in ("expert", "layer", "global")]
     + [("Fisher beats activation, router-weighted and magnitude by held-out perplexity (global, 50%)", "fisher",
-        lambda f: fisher_beats_baselines_by_ppl(f, "global", 0.5))]
+        lambda f: fisher_beats_baselines(f, "global", 0.5, by_ppl=True))]
     + [(f"a handful (<= {HANDFUL}) of dims carry one skill", "fisher", handful_carries_a_skill)]
     + [(f"global allocation beats uniform (Pathfinder, {r:.0%} of experts)", "pathfinder",
         lambda p, r=r: global_beats_uniform(p, r)) for r in (0.25, 0.5)]
     + [(f"Pathfinder beats local expert importance ({r:.0%} of experts)", "pathfinder",
         lambda p, r=r: pathfinder_beats_local(p, r)) for r in (0.25, 0.5)]
     + [("Pathfinder beats local expert importance by held-out perplexity (25% of experts)", "pathfinder",
-        lambda p: pathfinder_beats_local_by_ppl(p, 0.25))]
+        lambda p: pathfinder_beats_local(p, 0.25, by_ppl=True))]
 )
 
 
