@@ -42,7 +42,7 @@ everywhere in moe_jax:
     E  routed experts                         F  expert width (intermediate dims)
     K  experts chosen per token (top-k)       R  routed rows, one per (token, choice): T*K
     N  rows of any flat list (sorted rows, rows received from other devices)
-    M  blocks of the blocked dispatch         C  rows per block
+    M  tiles (blocks) of sorted rows (`tiles`)  C  rows per tile
     U  expert groups (group-limited routing)  g  experts per group
     X  devices on the "expert" mesh axis      L  expert slots per device
     I  input columns of a grouped matmul      O  its output columns (`model.grouped_gemm`)
