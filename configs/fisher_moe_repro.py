@@ -1,12 +1,13 @@
 """Fisher-MoE's findings on the built-in model: experiments/fisher_moe.py.
 
-What it runs: one calibration pass (skills train split, 64 examples per domain,
-full-sequence loss) collecting Fisher, mean |grad|, activation, router-weighted activation,
-magnitude and random scores; 6 methods x 3 scopes x 3 ratios, simulated with masks and scored on 100
-held-out prompts per domain; removal of the top-k dims (k = 1..256) by Fisher, activation and
-random; memory at 50% (this model and the Qwen1.5-MoE-A2.7B shapes); prefill/decode tokens/s
-of the compacted 50% models, here and on a random ~105M-parameter expert-dominated model; the
-answer-only-loss Fisher as an ablation.
+What it runs: one calibration pass (320 rows of 64 tokens of the built-in generic text,
+`moe_jax.data.prose`, as the paper calibrates on web text) collecting Fisher, mean |grad|,
+activation, router-weighted activation, magnitude and random scores; 6 methods x 3 scopes x 3
+ratios, simulated with masks and scored on 100 held-out prompts per domain; removal of the top-k
+dims (k = 1..256) by Fisher, activation and random; memory at 50% (this model and the
+Qwen1.5-MoE-A2.7B shapes); prefill/decode tokens/s of the compacted 50% models, here and on a
+random ~105M-parameter expert-dominated model; the answer-only-loss Fisher as an ablation
+(skills calibration only).
 
     python experiments/fisher_moe.py --config=configs/fisher_moe_repro.py --workdir=/tmp/fisher_repro
 
@@ -28,13 +29,13 @@ from moe_jax.scoring import DIM_STATISTICS
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.model_path = ""  # "" = the committed checkpoints/skills_tiny
-    config.checkpoint = "checkpoints/skills_tiny"
+    config.model_path = ""  # "" = the committed checkpoints/testbed
+    config.checkpoint = "checkpoints/testbed"
     config.seed = 0
     config.n_per_domain = 100
     config.batch_size = 64
     config.calibration = ml_collections.ConfigDict(dict(
-        data="skills:train", n_per_domain=64, seq_len=64, batch_size=16, micro_batch_size=16, max_rows=0, seed=0))
+        data="prose:train", max_rows=320, n_per_domain=64, seq_len=64, batch_size=16, micro_batch_size=16, seed=0))
     config.methods = DIM_STATISTICS
     config.scopes = ("expert", "layer", "global")
     config.ratios = (0.25, 0.5, 0.75)
@@ -48,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.answer_only_ablation = True
     # Quality columns of every row, for any checkpoint and tokenizer (moe_jax.quality): perplexity on
     # held-out text (data: any load_texts spec; "" = none) and lm-eval task scores (no tasks = none).
-    config.eval = quality.eval_config()
+    config.eval = quality.eval_config(data="prose:eval", seq_len=128)
     config.lm_eval = quality.lm_eval_config()
     # A random-weight model whose routed experts dominate the FLOPs, for throughput only.
     config.heavy = ml_collections.ConfigDict(dict(

@@ -1,13 +1,15 @@
-"""The project's main job on the built-in default: the skills_tiny MoE before and after pruning.
+"""The project's main job on the built-in default: the testbed MoE before and after pruning.
 
 What it runs:
 1. Finds the model: ``model_path`` if set; else WORKDIR/model/; else the committed
-   ``checkpoints/skills_tiny/``; else trains it with ``train_config`` (configs/skills_tiny.py)
+   ``checkpoints/testbed/`` (docs/testbed.md; ``--config.checkpoint=checkpoints/skills_tiny`` for
+   the earlier built-in model); else trains it with ``train_config`` (configs/testbed.py)
    into WORKDIR (``train_steps`` > 0 overrides its step count, e.g. for a smoke run).
 2. Evaluates it (see configs/evaluate.py: exact match per skills domain, safety refusal and
    over-refusal, perplexity, expert load, size, throughput) and prints the "before" table.
 3. Collects the statistics the methods need in one calibration pass over ``calibration.data``
-   (skills train split by default; any `load_texts` spec), then for each
+   (320 rows of the built-in generic text by default, as the papers calibrate on web text;
+   ``--config.calibration.data=skills:train`` for task text; any `load_texts` spec), then for each
    ``(method[:scope], ratio)`` in ``methods`` selects a plan, compacts the model, exports it
    (``export``) and evaluates it as an "after" row. Dim methods (ratio = share of routed-expert
    dims removed): Fisher-MoE "fisher" and its baselines "grad_abs", "activation",
@@ -24,7 +26,7 @@ eval/<run>/results.{json,md} + expert_load.png, and WORKDIR/comparison.md.
 
 How long (2-core dev CPU): about 3.5 minutes when the committed model exists (calibration
 and five evaluations, mostly compilation). Training from scratch takes what
-configs/skills_tiny.py says.
+configs/testbed.py says.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from moe_jax.evaluation import EvalSettings
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model_path = ""  # an HF checkpoint directory; "" = WORKDIR/model, the committed one, or train
-    config.checkpoint = "checkpoints/skills_tiny"  # committed default model, relative to the repository root
-    config.train_config = "configs/skills_tiny.py"  # used only when no model exists
+    config.checkpoint = "checkpoints/testbed"  # committed default model, relative to the repository root
+    config.train_config = "configs/testbed.py"  # used only when no model exists
     config.train_steps = 0  # 0: the train config's own step count
     config.tokenizer = "auto"  # "auto" (the checkpoint's own), "byte", or a tokenizer.json path
     config.dtype = "float32"
@@ -56,12 +58,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.drop_empty_experts = False
     config.export = True  # write each pruned model as an HF checkpoint under WORKDIR/pruned/
     config.calibration = ml_collections.ConfigDict(dict(
-        data="skills:train",  # any moe_jax.data.load_texts spec; never the eval split
+        # the built-in generic text, as the papers calibrate on web text; "skills:train" for the
+        # task text (n_per_domain examples per domain); any moe_jax.data.load_texts spec, never an eval split
+        data="prose:train", max_rows=320,  # rows of seq_len tokens
         n_per_domain=64,  # skills examples per domain
-        seq_len=64, batch_size=16, micro_batch_size=16, max_rows=0, seed=0,
+        seq_len=64, batch_size=16, micro_batch_size=16, seed=0,
         answer_only=False,  # True: loss on skills answers only (~0 once learnt; see scoring/calibration.py)
     ))
-    config.eval = EvalSettings(n_per_domain=50).as_config()
+    config.eval = EvalSettings(n_per_domain=50, data="prose:eval", seq_len=128).as_config()
     # lm-eval task scores as columns of the comparison (needs the `eval` extra); no tasks = none.
     config.lm_eval = quality.lm_eval_config()
     return config

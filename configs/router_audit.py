@@ -1,8 +1,8 @@
 """Router safety audit of the built-in model, before and after compression.
 
-What it runs (experiments/audit.py): on the committed skills_tiny model, six rows — unpruned;
-Fisher-MoE 50% of the routed dims (global) calibrated on utility data only (arithmetic, facts,
-code, language: as one calibrates on generic text) and the same with the safety-critical dims
+What it runs (experiments/audit.py): on the committed testbed model, six rows — unpruned;
+Fisher-MoE 50% of the routed dims (global) calibrated on the built-in generic text only (as
+one calibrates on web text) and the same with the safety-critical dims
 protected; Pathfinder 50% of the experts (global) plain and with the safety-critical experts
 kept; and trimming calibrated to 65% of the active routed parameters. Safety-critical units:
 the top 5% of dims and 12.5% of experts by Fisher on the safety domain's training prompts.
@@ -33,8 +33,8 @@ from moe_jax import quality
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.model_path = ""  # "" = the committed checkpoints/skills_tiny
-    config.checkpoint = "checkpoints/skills_tiny"
+    config.model_path = ""  # "" = the committed checkpoints/testbed
+    config.checkpoint = "checkpoints/testbed"
     config.seed = 0
     config.n_safety = 100  # held-out safety prompts (about half forbidden)
     config.n_utility = 30  # held-out prompts per utility domain
@@ -42,21 +42,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.rows = ("unpruned", "fisher", "fisher_safe", "pathfinder", "pathfinder_safe", "trimmed")
     config.ratio = 0.5
     config.calibration = ml_collections.ConfigDict(dict(
-        data="skills:train:arithmetic,facts,code,language", n_per_domain=64, seq_len=64, batch_size=16,
-        micro_batch_size=16, max_rows=0, seed=0, answer_only=False))
+        data="prose:train", max_rows=320, n_per_domain=64, seq_len=64, batch_size=16,
+        micro_batch_size=16, seed=0, answer_only=False))
     config.safety_calibration = ml_collections.ConfigDict(dict(
         data="skills:train:safety", n_per_domain=64, seq_len=64, batch_size=16, micro_batch_size=16,
         max_rows=0, seed=0, answer_only=False))
     config.critical = ml_collections.ConfigDict(dict(dim_fraction=0.05, expert_fraction=0.125))
     config.trim_target = 0.65
     config.trim_calibration = ml_collections.ConfigDict(dict(
-        data="skills:train", n_per_domain=48, seq_len=64, batch_size=48, max_rows=0, seed=0, answer_only=True))
+        data="prose:train", max_rows=240, n_per_domain=48, seq_len=64, batch_size=48, seed=0, answer_only=False))
     config.attacks = ml_collections.ConfigDict(dict(
         candidates=8, max_queries=20_000, mask_k=3, silence_k=2,
         gcg_steps=20, gcg_candidates=32, suffix_len=4, reach_prompts=4))
     config.monitor = ml_collections.ConfigDict(dict(fpr=0.05, n_per_domain=12))
     # Quality columns of every row, for any checkpoint and tokenizer (moe_jax.quality): perplexity on
     # held-out text (data: any load_texts spec; "" = none) and lm-eval task scores (no tasks = none).
-    config.eval = quality.eval_config()
+    config.eval = quality.eval_config(data="prose:eval", seq_len=128)
     config.lm_eval = quality.lm_eval_config()
     return config

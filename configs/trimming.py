@@ -1,14 +1,14 @@
 """Dynamic trimming on the built-in model: the dense / standard / trimmed / pruned trade-off table.
 
-What it runs (experiments/trimming.py): calibrates tau on 48 skills training examples per
-domain for active routed-expert parameter targets 0.8, 0.65 and 0.5 (one global tau, and a
-tau per layer), checks each policy's fraction on held-out rows, and scores every row of the
-table on 100 held-out prompts per domain: dense-equivalent (every expert active), standard
-top-2, trimmed at each target, Fisher-MoE 50% (global dims), Pathfinder 50% (global experts)
-and Fisher-MoE 50% + trimming at 0.65 (calibrated on the pruned model). Each row also gets
-Active Token Latency (prefill and decode, batch 8, 64-token real-text prompts, 32 new
-tokens), tokens/s and weight memory; a tau sweep gives accuracy-vs-active-parameter curves;
-routing telemetry (load, dormant experts, rotation) of the standard and the 0.65 policy.
+What it runs (experiments/trimming.py): calibrates tau on 240 rows of the built-in generic text
+for active routed-expert parameter targets 0.8, 0.65 and 0.5 (one global tau, and a tau per
+layer), checks each policy's fraction on held-out rows, and scores every row of the table on 100
+held-out prompts per domain: dense-equivalent (every expert active), standard top-k, trimmed at
+each target, Fisher-MoE 50% (global dims), Pathfinder 50% (global experts) and Fisher-MoE 50% +
+trimming at 0.65 (calibrated on the pruned model). Each row also gets Active Token Latency
+(prefill and decode, batch 8, 64-token real-text prompts, 32 new tokens), tokens/s and weight
+memory; a tau sweep gives accuracy-vs-active-parameter curves; routing telemetry (load, dormant
+experts, rotation) of the standard and the 0.65 policy.
 
     python experiments/trimming.py --config=configs/trimming.py --workdir=/tmp/trimming
 
@@ -29,17 +29,16 @@ from moe_jax import quality
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.model_path = ""  # "" = the committed checkpoints/skills_tiny
-    config.checkpoint = "checkpoints/skills_tiny"
+    config.model_path = ""  # "" = the committed checkpoints/testbed
+    config.checkpoint = "checkpoints/testbed"
     config.seed = 0
     config.n_per_domain = 100
     config.batch_size = 64
-    # The loss that calibration weighs is the answer tokens' (the built-in model never trained on
-    # prompt tokens); the Fisher and Pathfinder rows score with the full-sequence loss as their
-    # own launchers do (see moe_jax/scoring/calibration.py for why).
+    # Generic text, as the Fisher-MoE and Pathfinder launchers calibrate: tau for each target and
+    # the Fisher and Pathfinder rows' scores (full-sequence loss).
     config.calibration = ml_collections.ConfigDict(dict(
-        data="skills:train", n_per_domain=48, seq_len=64, batch_size=48, micro_batch_size=16, max_rows=0, seed=0,
-        answer_only=True))
+        data="prose:train", max_rows=240, n_per_domain=48, seq_len=64, batch_size=48, micro_batch_size=16, seed=0,
+        answer_only=False))
     config.targets = (0.8, 0.65, 0.5)
     config.modes = ("global", "per_layer")
     config.grid = 10  # per-layer greedy: tau steps of 0.05
@@ -52,6 +51,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.telemetry_batches = 10
     # Quality columns of every row, for any checkpoint and tokenizer (moe_jax.quality): perplexity on
     # held-out text (data: any load_texts spec; "" = none) and lm-eval task scores (no tasks = none).
-    config.eval = quality.eval_config()
+    config.eval = quality.eval_config(data="prose:eval", seq_len=128)
     config.lm_eval = quality.lm_eval_config()
     return config

@@ -19,7 +19,8 @@
    `config.throughput_this_model` is False) and on a random-weight model whose routed experts
    dominate its FLOPs (`config.heavy`; the global plan there keeps the per-expert fractions that
    Fisher-global chose on this model).
-6. Ablation: Fisher of the answer tokens only, against the full-sequence default.
+6. Ablation: Fisher of the answer tokens only, against the full-sequence default (with
+   skills calibration only: generic text has no answers).
 
 Results: WORKDIR/report.md, report.json, sweep.png, sensitivity.png. Evaluations done are kept
 in WORKDIR/progress.json, so a killed run resumes where it stopped.
@@ -203,7 +204,9 @@ def main(argv: list[str]) -> None:
             hcfg, hparams, hplans, config)
         del hparams
     ablation = {}
-    if config.answer_only_ablation:
+    if config.answer_only_ablation and not c.data.startswith("skills:"):  # text rows have no answers
+        print(f"Answer-only ablation skipped: calibration {c.data!r} is plain text, every token is in its loss.")
+    elif config.answer_only_ablation:
         answer_batches = scoring.calibration_batches_from_config(c, tokenizer, answer_only=True)
         answer = scoring.collect(cfg, params, answer_batches, ["fisher"], micro_batch_size=c.micro_batch_size,
                                  progress=False)

@@ -257,8 +257,9 @@ def render(config, report, baseline, results) -> str:
                                         f"{v['routed_bytes_kept']:.2f}"]) + " |")
     if report["removal_cost"]:
         lines += ["", "## Single-expert removal (the oracle)", "",
-                  f"Rise of the summed answer loss (nats) of the {calibration.describe(config.calibration)} "
-                  f"calibration examples when one expert is removed ({report['removal_cost_seconds']:.0f} s).", ""]
+                  f"Rise of the summed loss (nats; answer tokens of skills examples, every token of text) of "
+                  f"the {calibration.describe(config.calibration)} calibration rows when one expert is removed "
+                  f"({report['removal_cost_seconds']:.0f} s).", ""]
         lines += results_page.removal_cost_table(report["removal_cost"])
     t = report["calibration_seconds"]
     lines += ["", "## Calibration cost", "", "| statistics | seconds |", "|---|---:|"]

@@ -3,8 +3,8 @@
     python experiments/reproduce.py --config=configs/reproduce.py --workdir=/tmp/reproduce
     python experiments/reproduce.py --config=configs/reproduce.py --workdir=/tmp/repro_ci --config.quick=True
 
-1. The model: the committed checkpoints/skills_tiny, or (missing, or `config.train`) the `train`
-   stage trains configs/skills_tiny.py into WORKDIR/train/ and the stages use WORKDIR/train/model.
+1. The model: the committed checkpoints/testbed, or (missing, or `config.train`) the `train`
+   stage trains configs/testbed.py into WORKDIR/train/ and the stages use WORKDIR/train/model.
 2. Each stage of `config.stages` (moe_jax/reproduction/stages.py) runs its launcher in
    WORKDIR/<stage>/ as a subprocess, unless its marker says it finished with the same
    fingerprint and its outputs parse; WORKDIR/reproduce.log says which ran and which were skipped.

@@ -31,14 +31,14 @@ PPL_COLUMN = "ppl (eval.data)"
 
 def eval_config(**overrides: Any) -> ml_collections.ConfigDict:
     """`config.eval` of a launcher: held-out text for perplexity ("" = none); same names as EvalSettings."""
-    return ml_collections.ConfigDict(dict(data="", data_rows=64, seq_len=256, batch_size=8, **overrides))
+    return ml_collections.ConfigDict({**dict(data="", data_rows=64, seq_len=256, batch_size=8), **overrides})
 
 
 def lm_eval_config(**overrides: Any) -> ml_collections.ConfigDict:
     """`config.lm_eval` of a launcher: no tasks = no lm-eval columns. num_fewshot -1 = each task's
     own; limit 0 = every document; max_length 0 = the model's; tokenizer "" = the checkpoint's own."""
-    return ml_collections.ConfigDict(dict(tasks=(), include_path="", num_fewshot=-1, limit=0, batch_size=8,
-                                          max_length=0, max_gen_toks=256, tokenizer="", **overrides))
+    return ml_collections.ConfigDict({**dict(tasks=(), include_path="", num_fewshot=-1, limit=0, batch_size=8,
+                                             max_length=0, max_gen_toks=256, tokenizer=""), **overrides})
 
 
 def lm_eval_scorer(lm_config: Mapping[str, Any] | Any, path: str | os.PathLike, seed: int = 0):

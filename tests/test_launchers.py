@@ -62,7 +62,7 @@ def test_prune_reuses_scores_only_for_the_same_weights(tmp_path, capsys):
     cfg = tiny_config("qwen2_moe", vocab_size=tok.vocab_size)
     params = scaled_params(cfg)
     config = prune_config.get_config()
-    config.calibration.update(n_per_domain=1, seq_len=120, batch_size=4, micro_batch_size=4)
+    config.calibration.update(data="skills:train", n_per_domain=1, seq_len=120, batch_size=4, micro_batch_size=4)
 
     def calibrate(p):
         capsys.readouterr()

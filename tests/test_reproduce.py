@@ -25,7 +25,7 @@ import pytest
 from moe_jax import evaluation, footprint, hf, pruning
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = REPO / "checkpoints" / "skills_tiny"
+MODEL = REPO / "checkpoints" / "testbed"
 STAGES = ("prune", "fisher_moe", "pathfinder", "trimming", "trim_latency", "audit", "bench_dispatch")
 KILLED = {"audit": "report.json", "prune": "comparison.md"}
 
@@ -97,7 +97,7 @@ def test_results_md_holds_every_table_filled(run):
             assert not empty, f"{heading}: empty cells in {row}"
     tradeoff = next(rows for h, rows in tables if h.startswith("Dense vs standard"))
     labels = [r[0] for r in tradeoff[1:]]
-    assert labels == ["dense-equivalent (all 8 experts)", "standard top-2", "trimmed global @ 0.65"]
+    assert labels == ["dense-equivalent (all 32 experts)", "standard top-4", "trimmed global @ 0.65"]
     # The trimmed row is a model the audit attacked (same target and calibration): its ASR comes from
     # the audit; quick mode audits no unpruned row, so the dense and standard rows say so.
     audit = json.loads((run.dir / "audit" / "report.json").read_text())["rows"]
@@ -120,7 +120,7 @@ def test_results_json_holds_every_number_versions_and_machine(run):
     assert results["machine"]["platform"] and results["mode"] == "quick" and not results["failures"]
     assert list(results["stages"]) == list(STAGES)
     # Records hold no machine path: the model relative to the repository, stage dirs under WORKDIR.
-    assert results["model"] == "checkpoints/skills_tiny"
+    assert results["model"] == "checkpoints/testbed"
     for stage in STAGES:
         marker = (run.dir / stage / "STAGE.json").read_text()
         assert str(REPO) not in marker and str(run.dir) not in marker, marker
@@ -158,7 +158,7 @@ def test_prune_stage_exports_fisher_and_pathfinder(run):
     table = (d / "comparison.md").read_text()
     assert "fisher-expert@0.5" in table and "fisher-global@0.5" in table and "pathfinder-global@0.25" in table
     experts = pruning.PruningPlan.load(d / "plans" / "pathfinder-global@0.25.json")
-    assert sum(len(v) for v in experts.experts.values()) == 24  # 32 experts, 25% removed
+    assert sum(len(v) for v in experts.experts.values()) == 96  # 4 layers x 32 experts, 25% removed
     plan = pruning.PruningPlan.load(d / "plans" / "fisher-global@0.5.json")
     assert abs(plan.dims_removed_fraction() - 0.5) < 0.01
     cfg, params = hf.load_pretrained(d / "pruned" / "fisher-global@0.5", dtype="float32")
@@ -178,14 +178,16 @@ def test_fisher_moe_stage(run):
     assert set(report["sensitivity"]) == {"top1/fisher", "top4/fisher"}
     assert 0.3 < report["memory"]["qwen1.5-moe-a2.7b"]["saved_fraction"] < 0.5
     assert report["scoring_cost"]["ratio"] > 0
-    assert set(report["answer_only_ablation"]) == {"0.5"}
+    # The default calibration is generic text, which has no answers: no answer-only ablation.
+    assert report["answer_only_ablation"] == {} and "Answer-only ablation skipped" in (d / "stdout.log").read_text()
     heavy = next(v for k, v in report["throughput"].items() if k.startswith("expert-heavy"))
     assert set(heavy) == {"unpruned", "expert@0.5", "global@0.5"}
     for png in ("sweep.png", "sensitivity.png"):
         assert (d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Memory at 50%" in (d / "report.md").read_text()
     assert np.isfinite(report["baseline"]["mean_em"])
-    assert len(json.loads((d / "progress.json").read_text())["runs"]) == 6  # baseline, 2 + 2, 1 ablation
+    runs = json.loads((d / "progress.json").read_text())["runs"]
+    assert len([k for k in runs if not k.startswith("quality ")]) == 5  # baseline, 2 sweep + 2 sensitivity
 
 
 def test_pathfinder_stage(run):
@@ -199,8 +201,8 @@ def test_pathfinder_stage(run):
     assert report["results"]["pathfinder/global/0.5"]["routed_bytes_kept"] == 0.5
     cost = report["recon_cost"]["qwen1.5_layer"]
     assert cost["dense_over_routed"] > 0 and cost["dense_over_routed_alone"] > 0 and cost["forward_s"] > 0
-    oracle = report["removal_cost"]  # one finite answer-loss rise per expert of every MoE layer
-    assert len(oracle) == 4 and all(len(v) == 8 and all(np.isfinite(v)) for v in oracle.values())
+    oracle = report["removal_cost"]  # one finite loss rise per expert of every MoE layer
+    assert len(oracle) == 4 and all(len(v) == 32 and all(np.isfinite(v)) for v in oracle.values())
     assert "Single-expert removal" in (d / "report.md").read_text()
     for ratio in (25, 50):
         assert (d / f"kept_experts_{ratio}.png").read_bytes()[:4] == b"\x89PNG"
@@ -210,16 +212,16 @@ def test_trimming_stage(run):
     d = run.dir / "trimming"
     report = json.loads((d / "report.json").read_text())
     rows = report["results"]
-    assert set(rows) == {"dense-equivalent (all 8 experts)", "standard top-2", "trimmed global @ 0.65"}
-    assert rows["standard top-2"]["routed_vs_top_k"] == 1.0
-    assert rows["dense-equivalent (all 8 experts)"]["routed_vs_top_k"] == 4.0
+    assert set(rows) == {"dense-equivalent (all 32 experts)", "standard top-4", "trimmed global @ 0.65"}
+    assert rows["standard top-4"]["routed_vs_top_k"] == 1.0
+    assert rows["dense-equivalent (all 32 experts)"]["routed_vs_top_k"] == 8.0
     assert abs(rows["trimmed global @ 0.65"]["routed_vs_top_k"] - 0.65) < 0.1
     assert rows["trimmed global @ 0.65"]["decode_latency_ms_per_token"] > 0
     policy = json.loads((d / "policies" / "global_0.65.json").read_text())
     assert policy["calibration"]["target"] == 0.65 and policy["router_fingerprint"]
     for png in ("curves.png", "telemetry/standard/load.png", "telemetry/trimmed_global_0.65/rotation.png"):
         assert (d / png).read_bytes()[:4] == b"\x89PNG"
-    assert "| standard top-2 |" in (d / "report.md").read_text()
+    assert "| standard top-4 |" in (d / "report.md").read_text()
 
 
 def test_trim_latency_stage(run):

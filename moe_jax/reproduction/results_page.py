@@ -208,7 +208,7 @@ def render_pathfinder(r: dict) -> list[str]:
     for ratio in sorted({k[2] for k in results}):
         lines += ["", f"![kept experts at {ratio:.0%}](pathfinder/kept_experts_{int(ratio * 100)}.png)"]
     if r.get("removal_cost"):
-        lines += ["", "### Single-expert removal: rise of the calibration answer loss (nats)", ""]
+        lines += ["", "### Single-expert removal: rise of the calibration loss (nats)", ""]
         lines += removal_cost_table(r["removal_cost"])
     lines += ["", "### Calibration and reconstruction cost", ""]
     lines += _table(["statistics", "seconds"], [[k, f"{v:.1f}"] for k, v in r["calibration_seconds"].items()])

@@ -52,7 +52,7 @@ class Stage:
 # another bench mode) is one more entry here plus its overrides in configs/reproduce.py and,
 # for RESULTS.md, a section in moe_jax/reproduction/results_page.py.
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("train", "experiments/train.py", "configs/skills_tiny.py", ("model/config.json", "model/model.safetensors"),
+    Stage("train", "experiments/train.py", "configs/testbed.py", ("model/config.json", "model/model.safetensors"),
           uses_model=False),
     Stage("prune", "experiments/prune.py", "configs/prune.py", ("comparison.md",)),
     Stage("fisher_moe", "experiments/fisher_moe.py", "configs/fisher_moe_repro.py",
