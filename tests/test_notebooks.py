@@ -20,7 +20,7 @@ from tests.conftest import random_hf_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
-BUILT_IN = REPO / "checkpoints" / "skills_tiny"
+BUILT_IN = REPO / "checkpoints" / "testbed"
 
 
 def test_notebooks_exist_and_are_stored_without_outputs():
@@ -62,7 +62,7 @@ def execute(path: Path, overrides: dict, report: str, tmp_path: Path, monkeypatc
 @pytest.mark.skipif(not (BUILT_IN / "config.json").exists(), reason="no committed model")
 def test_quickstart_notebook(tmp_path, monkeypatch):
     got = execute(REPO / "colab" / "01_quickstart.ipynb",
-                  {"calibration_per_domain": 2, "eval_per_domain": 2, "workdir": str(tmp_path)},
+                  {"calibration_rows": 8, "eval_per_domain": 2, "workdir": str(tmp_path)},
                   '{"removed": plan.dims_removed_fraction(), "bytes": [size["bytes"], pruned_size["bytes"]], '
                   '"before": {d: v["exact_match"] for d, v in before["exact_match"].items()}, '
                   '"after": {d: v["n"] for d, v in after["exact_match"].items()}, "model": str(model_dir)}',
@@ -117,7 +117,7 @@ def test_hf_checkpoint_notebook(tmp_path, monkeypatch):
 def test_router_audit_notebook(tmp_path, monkeypatch):
     got = execute(REPO / "colab" / "03_router_audit.ipynb",
                   {"n_safety": 8, "n_attack": 1, "max_queries": 40, "monitor_per_domain": 2,
-                   "calibration_per_domain": 2},
+                   "calibration_rows": 8, "calibration_per_domain": 2},
                   '{"audit": {k: v for k, v in report.items() if k != "routing"}, "forced": forced.summary(), '
                   '"rates": rates, "rows": rows, "critical": critical.keep_experts()}', tmp_path, monkeypatch)
     assert 0.0 <= got["audit"]["refusal_rate"] <= 1.0 and got["forced"]["queries"] <= 40
