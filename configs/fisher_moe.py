@@ -1,7 +1,7 @@
 """Fisher-MoE on the built-in model: Fisher-ranked routed-expert dims removed at 50%.
 
-Runs experiments/prune.py: one calibration pass (320 skills training examples, answer-only
-loss, per-sequence Fisher from one backward per batch), then Fisher at 50% in the three
+Runs experiments/prune.py: one calibration pass (320 rows of the built-in generic text,
+per-sequence Fisher from one backward per batch), then Fisher at 50% in the three
 scopes of the paper (IntDim-E "expert", IntDim-L "layer", IntDim-G "global"), each exported as
 an HF checkpoint under WORKDIR/pruned/ and evaluated against the unpruned model.
 
@@ -12,7 +12,7 @@ On a real checkpoint, point it at the model and a text corpus:
     --config.model_path=/ckpt/Qwen1.5-MoE-A2.7B --config.tokenizer=auto \\
     --config.calibration.data=hf:wikitext/wikitext-2-raw-v1:train --config.calibration.max_rows=128
 
-How long (2-core dev CPU, built-in model): about 3.5 minutes (a calibration pass, then three
+How long (2-core dev CPU, built-in testbed): about 3 minutes (a calibration pass, then three
 compactions, exports and evaluations).
 """
 

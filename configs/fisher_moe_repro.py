@@ -15,7 +15,7 @@ A Hugging Face checkpoint with its own tokenizer: --config.model_path=DIR
 --config.calibration.data=json:calib.jsonl --config.eval.data=json:held_out.jsonl (and/or
 --config.lm_eval.tasks="('arc_easy',)"); the skills exact match is skipped there.
 
-How long: about 8 minutes on the 2-core dev CPU. Result: the Fisher-MoE section of
+How long: 8 minutes on the 2-core dev CPU. Result: the Fisher-MoE section of
 results/reproduce/RESULTS.md.
 """
 

@@ -24,7 +24,7 @@ eval/<run>/results.{json,md} + expert_load.png, and WORKDIR/comparison.md.
     python experiments/prune.py --config=configs/prune.py --workdir=/tmp/smoke \\
         --config.train_steps=50 --config.eval.n_per_domain=10
 
-How long (2-core dev CPU): about 3.5 minutes when the committed model exists (calibration
+How long (2-core dev CPU): about 3 minutes when the committed model exists (calibration
 and five evaluations, mostly compilation). Training from scratch takes what
 configs/testbed.py says.
 """

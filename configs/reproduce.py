@@ -13,8 +13,8 @@ a killed reproduction resumes; the launchers' own progress files resume a stage 
     python experiments/reproduce.py --config=configs/reproduce.py --workdir=/tmp/reproduce
     python experiments/reproduce.py --config=configs/reproduce.py --workdir=/tmp/repro_ci --config.quick=True
 
-How long: about 44 minutes on the 2-core dev CPU (each stage's seconds are in the committed
-results/reproduce/RESULTS.md), plus about 21 if it trains; `quick` (every stage at smoke size,
+How long: about 46 minutes on the 2-core dev CPU (each stage's seconds are in the committed
+results/reproduce/RESULTS.md), plus what configs/testbed.py says if it trains; `quick` (every stage at smoke size,
 every table still filled) about 4. Result: results/reproduce/RESULTS.md.
 """
 

@@ -19,7 +19,7 @@ held-out clean prompts).
 `eval.data` / `lm_eval.tasks` add held-out perplexity / lm-eval columns to every row; the audit
 itself needs the built-in model (its measures are the skills domains).
 
-How long: about 13 minutes on the 2-core dev CPU, mostly route forcing and compilation; each
+How long: 14 minutes on the 2-core dev CPU, mostly route forcing and compilation; each
 finished row is cached in WORKDIR/progress.json, so a killed run resumes. Result: the router
 safety section of results/reproduce/RESULTS.md.
 """

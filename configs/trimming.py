@@ -16,7 +16,7 @@ A Hugging Face checkpoint with its own tokenizer: --config.model_path=DIR
 --config.calibration.data=json:calib.jsonl --config.eval.data=json:held_out.jsonl (and/or
 --config.lm_eval.tasks="('arc_easy',)"); the skills exact match is skipped there.
 
-How long: 10-12 minutes on the 2-core dev CPU. Result: the trade-off section of
+How long: 9 minutes on the 2-core dev CPU. Result: the trade-off section of
 results/reproduce/RESULTS.md.
 """
 

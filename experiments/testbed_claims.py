@@ -1,7 +1,7 @@
 """The seeds' claims, checked on two testbeds side by side from the Fisher-MoE and Pathfinder launchers' reports.
 
     python -m experiments.testbed_claims \\
-        --testbed=old=results/reproduce --testbed=new=results/testbed/prose_calibration \\
+        --testbed=old=results/testbed/skills_tiny --testbed=new=results/reproduce \\
         --out=results/testbed/claims.md
 
 Each --testbed is name=DIR with DIR/fisher_moe/report.json and DIR/pathfinder/report.json (what

@@ -3,7 +3,8 @@
     python experiments/trimming.py --config=configs/trimming.py --workdir=/tmp/trimming
 
 1. Calibrate tau for each target active routed-expert parameter fraction (global and per
-   layer) on skills training examples; measure each policy's fraction on held-out rows.
+   layer) on `config.calibration` (generic text by default); measure each policy's fraction on
+   held-out rows (the skills prompts on the built-in model).
 2. Rows: dense-equivalent (top_k = every expert), standard top-k, trimmed at each target,
    Fisher-MoE and Pathfinder at `prune_ratio` (compacted, so memory and time are real), and
    Fisher-MoE + trimming calibrated on the pruned model. Accuracy per domain and refusal rates
