@@ -14,8 +14,9 @@ Run it with
     python experiments/train.py --config=configs/testbed.py --workdir=/tmp/testbed \\
         --config.export_dir=checkpoints/testbed
 
-How long: 28 minutes on the 2-core dev CPU, which other jobs shared (the committed
-checkpoints/testbed/; its train_summary.json holds the run's numbers). Result: greedy exact
+How long: 16 minutes (947 s of training steps) on the idle 2-core dev CPU, and the weights equal
+the committed checkpoints/testbed/ byte for byte (results/testbed/train_summary_rerun.json; the
+checkpoint's own train_summary.json is its first run's, on a shared CPU). Result: greedy exact
 match from 0.49 (language) to 1.00 on 100 held-out prompts per domain, full-sequence perplexity
 below 2 in every domain (results/testbed/report.md).
 """
