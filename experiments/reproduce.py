@@ -142,8 +142,9 @@ def main(argv: list[str]) -> None:
     model_id = stages.model_digest(model)
     log(f"model {model} (digest {model_id})")
     if config.jobs > 1:  # stages are independent subprocesses; threads only wait on them
+        start_order = sorted(config.stages, key=lambda name: (stages.PARALLEL_START_ORDER + (name,)).index(name))
         with concurrent.futures.ThreadPoolExecutor(config.jobs) as pool:
-            list(pool.map(lambda name: run(name, model, model_id), config.stages))
+            list(pool.map(lambda name: run(name, model, model_id), start_order))
         records = {name: records[name] for name in config.stages if name in records}  # the configured order
     else:
         for name in config.stages:
