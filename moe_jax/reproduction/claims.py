@@ -114,8 +114,8 @@ CLAIMS = (
         lambda p, r=r: global_beats_uniform(p, r)) for r in (0.25, 0.5)]
     + [(f"Pathfinder beats local expert importance ({r:.0%} of experts)", "pathfinder",
         lambda p, r=r: pathfinder_beats_local(p, r)) for r in (0.25, 0.5)]
-    + [("Pathfinder beats local expert importance by held-out perplexity (25% of experts)", "pathfinder",
-        lambda p: pathfinder_beats_local(p, 0.25, by_ppl=True))]
+    + [(f"Pathfinder beats local expert importance by held-out perplexity ({r:.0%} of experts)", "pathfinder",
+        lambda p, r=r: pathfinder_beats_local(p, r, by_ppl=True)) for r in (0.25, 0.5)]
 )
 
 
