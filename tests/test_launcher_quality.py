@@ -1,10 +1,11 @@
 """The comparing launchers' quality columns (`moe_jax.quality`): held-out perplexity and lm-eval scores.
 
 fisher_moe, pathfinder and trimming run on a tiny random Hugging Face checkpoint with its own BPE
-tokenizer, where the skills exact match does not apply: every row of their tables gets the
-quality columns instead, kept in progress.json for a resumed run, and without `eval.data` /
-`lm_eval.tasks` they refuse to start. The router audit needs the built-in model (its measures are the skills
-domains): it refuses the checkpoint, and its rows on the built-in model carry the columns.
+tokenizer, where the skills exact match does not apply: every row of their tables gets the quality
+columns instead, kept in progress.json for a resumed run, and with `eval.data` blanked (the configs
+default to the built-in generic text) and no `lm_eval.tasks` they refuse to start. The router audit
+needs the built-in model (its measures are the skills domains): it refuses the checkpoint, and its
+rows on the built-in model carry the columns.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def test_pathfinder_on_a_hf_checkpoint_needs_a_quality_column_and_keeps_it_for_r
                          "--config.selection_ablations=()", "--config.repeats=1", "--config.removal_oracle=False",
                          "--config.qwen_layer.hidden_size=32", "--config.qwen_layer.num_experts=6",
                          "--config.qwen_layer.width=16", "--config.qwen_layer.tokens=8")
-    blind = launch("pathfinder.py", "pathfinder.py", tmp_path, *args)
+    blind = launch("pathfinder.py", "pathfinder.py", tmp_path, *args, "--config.eval.data=")  # no held-out text
     assert blind.returncode != 0 and "--config.eval.data" in blind.stderr, blind.stderr[-3000:]
     assert not (tmp_path / "scores.npz").exists()  # refused before calibrating
     run = launch("pathfinder.py", "pathfinder.py", tmp_path, *args, *held_out(data))
