@@ -204,10 +204,12 @@ def main(argv: list[str]) -> None:
             hcfg, hparams, hplans, config)
         del hparams
     ablation = {}
-    if config.answer_only_ablation and not c.data.startswith("skills:"):  # text rows have no answers
-        print(f"Answer-only ablation skipped: calibration {c.data!r} is plain text, every token is in its loss.")
-    elif config.answer_only_ablation:
+    answer_batches = []
+    if config.answer_only_ablation:
         answer_batches = scoring.calibration_batches_from_config(c, tokenizer, answer_only=True)
+    if answer_batches and "loss_mask" not in answer_batches[0]:  # plain text: no answers, the loss is every token's
+        print(f"Answer-only ablation skipped: calibration {c.data!r} is plain text, every token is in its loss.")
+    elif answer_batches:
         answer = scoring.collect(cfg, params, answer_batches, ["fisher"], micro_batch_size=c.micro_batch_size,
                                  progress=False)
         for ratio in config.ratios:

@@ -181,10 +181,12 @@ def main(argv: list[str]) -> None:
           f"from the layer input alone {cost_here['dense_over_routed_alone']:.1f}x and "
           f"{cost_qwen['dense_over_routed_alone']:.1f}x (E/top_k = {cost_qwen['experts_over_top_k']:.0f})")
 
-    answer_batches = scoring.calibration_batches_from_config(c, tokenizer, answer_only=True)
-    t0 = time.perf_counter()
-    oracle = removal_cost(cfg, params, answer_batches) if config.removal_oracle else {}
-    oracle_s = time.perf_counter() - t0
+    oracle, oracle_s = {}, 0.0
+    if config.removal_oracle:
+        oracle_batches = scoring.calibration_batches_from_config(c, tokenizer, answer_only=True)
+        t0 = time.perf_counter()
+        oracle = removal_cost(cfg, params, oracle_batches)
+        oracle_s = time.perf_counter() - t0
 
     examples = [ex for d in skills.DOMAINS for ex in skills.eval_set(d, config.n_per_domain, config.seed)]
     study = evaluation.MaskedStudy(cfg, params, tokenizer, examples, config.batch_size, workdir / "progress.json",

@@ -62,12 +62,14 @@ def check_config(config) -> None:
         raise app.UsageError(f"--config.jobs={config.jobs}: expected at least 1 stage at a time")
 
 
-def log_to(path: Path):
+def log_to(workdir: Path):
+    """A logger that prints each line and appends it to WORKDIR/reproduce.log, where the workdir
+    reads WORKDIR and the repository's paths are relative, as in the stages' markers."""
     def log(line: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {line}"
         print(line, flush=True)
-        with open(path, "a") as f:
-            f.write(line + "\n")
+        with open(workdir / "reproduce.log", "a") as f:
+            f.write(line.replace(str(workdir), "WORKDIR").replace(f"{REPO}/", "") + "\n")
     return log
 
 
@@ -86,7 +88,7 @@ def reproduce_paper(config, workdir: Path) -> None:
     stage = stages.Stage("paper", "experiments/prune.py", config_file, ("comparison.md",),
                          fixed_flags=(f"--mesh={FLAGS.mesh}",) if FLAGS.mesh else ())
     model = Path(overrides.pop("model_path", config.model_path)).expanduser().resolve()
-    log = log_to(workdir / "reproduce.log")
+    log = log_to(workdir)
     log(f"{config.paper.title}{' (smoke)' if config.smoke else ''} into {workdir}")
     t0 = time.time()
     env = stages.subprocess_env(REPO, workdir / ".jax_cache")
@@ -115,7 +117,7 @@ def main(argv: list[str]) -> None:
             raise SystemExit(str(err)) from None
     check_config(config)
     workdir.mkdir(parents=True, exist_ok=True)
-    log = log_to(workdir / "reproduce.log")
+    log = log_to(workdir)
 
     overrides = (config.quick_overrides if config.quick else config.overrides).to_dict()
     env = stages.subprocess_env(REPO, workdir / ".jax_cache" if config.compilation_cache else None)
@@ -142,7 +144,8 @@ def main(argv: list[str]) -> None:
     model_id = stages.model_digest(model)
     log(f"model {model} (digest {model_id})")
     if config.jobs > 1:  # stages are independent subprocesses; threads only wait on them
-        start_order = sorted(config.stages, key=lambda name: (stages.PARALLEL_START_ORDER + (name,)).index(name))
+        first = {name: i for i, name in enumerate(stages.PARALLEL_START_ORDER)}
+        start_order = sorted(config.stages, key=lambda name: first.get(name, len(first)))
         with concurrent.futures.ThreadPoolExecutor(config.jobs) as pool:
             list(pool.map(lambda name: run(name, model, model_id), start_order))
         records = {name: records[name] for name in config.stages if name in records}  # the configured order

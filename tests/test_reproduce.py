@@ -121,6 +121,8 @@ def test_results_json_holds_every_number_versions_and_machine(run):
     assert list(results["stages"]) == list(STAGES)
     # Records hold no machine path: the model relative to the repository, stage dirs under WORKDIR.
     assert results["model"] == "checkpoints/testbed"
+    log = (run.dir / "reproduce.log").read_text()
+    assert "into WORKDIR" in log and str(REPO) not in log and str(run.dir) not in log
     for stage in STAGES:
         marker = (run.dir / stage / "STAGE.json").read_text()
         assert str(REPO) not in marker and str(run.dir) not in marker, marker
