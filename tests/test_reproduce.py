@@ -10,6 +10,7 @@ run at a time (CI has two cores; the stages mostly compile, single-threaded).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 
 from moe_jax import evaluation, footprint, hf, pruning
+from moe_jax.reproduction import stages
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "checkpoints" / "testbed"
@@ -33,13 +35,10 @@ pytestmark = pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="no
 
 
 def reproduce(workdir: Path, *overrides: str, timeout: int = 1500) -> subprocess.CompletedProcess:
-    # The stages check plumbing on tiny shapes, and compiling is most of their time: LLVM at -O0
-    # compiles about twice as fast. They share compiled programs through the session's cache (conftest.py).
-    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    env = dict(os.environ, XLA_FLAGS=xla_flags)
+    # The stages inherit the session's fast-compile XLA flags and compilation cache (conftest.py).
     return subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"),
                            f"--config={REPO / 'configs' / 'reproduce.py'}", f"--workdir={workdir}", *overrides],
-                          capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
+                          capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +256,25 @@ def test_unknown_stage_names_are_refused_before_anything_runs(tmp_path):
     bad = reproduce(tmp_path, "--config.stages=('prune', 'fishr')")
     assert bad.returncode != 0 and "unknown stages ['fishr']" in bad.stderr
     assert not (tmp_path / "reproduce.log").exists()
+
+
+def test_fingerprint_follows_config_values_not_text(tmp_path):
+    """A docstring or comment edit keeps a finished stage; a changed value, override or model voids it."""
+    config = tmp_path / "configs" / "demo.py"
+    config.parent.mkdir()
+    source = '"""{doc}"""\nimport ml_collections\n\n\ndef get_config(preset="a"):\n' \
+             '    return ml_collections.ConfigDict(dict(preset=preset, ratio={ratio}))  # {comment}\n'
+    stage = stages.Stage("demo", "experiments/prune.py", "configs/demo.py", ("report.json",))
+    def fp(stage=stage, overrides=None, model="m"):
+        return stages.fingerprint(stage, tmp_path, overrides or {}, model)
+
+    config.write_text(source.format(doc="First.", ratio=0.5, comment="half"))
+    first = fp()
+    config.write_text(source.format(doc="Edited after the run.", ratio=0.5, comment="the papers' ratio"))
+    assert fp() == first
+    assert fp(overrides={"ratio": 0.25}) != first and fp(model="other") != first
+    assert fp(stage=dataclasses.replace(stage, config="configs/demo.py:b")) != first  # the preset is a value
+    config.write_text(source.format(doc="First.", ratio=0.25, comment="half"))
+    assert fp() != first
+    with pytest.raises(stages.StageError, match="no config file 'configs/missing.py'"):
+        fp(stage=dataclasses.replace(stage, config="configs/missing.py"))

@@ -3,9 +3,9 @@
 A stage is data (`Stage`): the launcher, its config file, the files it must leave behind.
 `run_stage` runs it as a subprocess unless its marker (WORKDIR/<stage>/STAGE.json) holds the
 same fingerprint and every output exists and parses; then it is skipped. The fingerprint
-covers what decides the results: the launcher command (config file text, flag overrides) and
-the model's bytes. Launcher code is not in it (a commit would void hours of finished stages):
-`--config.rerun=(name,)` runs a stage again.
+covers what decides the results: the config's values (not its text: a docstring edit keeps a
+finished stage), the flag overrides and the model's bytes. Launcher code is not in it (a commit
+would void hours of finished stages): `--config.rerun=(name,)` runs a stage again.
 
 Why subprocesses: every launcher defines its own absl `--config`/`--workdir` flags at import,
 so two cannot share one process; a process per stage also frees each stage's compiled programs
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -118,11 +119,26 @@ def model_digest(model: Path) -> str:
     return file_digest(files)
 
 
+def config_values(stage: Stage, repo: Path) -> str | None:
+    """The values of the stage's config file (`get_config()`, or `get_config(preset)`) as sorted
+    JSON: what the launcher starts from before its flag overrides. Docstrings and comments are not
+    in it; a changed default that the file imports is."""
+    if stage.config is None:
+        return None
+    path, _, preset = stage.config.partition(":")
+    if not (repo / path).is_file():
+        raise StageError(f"stage {stage.name!r}: no config file {path!r} in {repo}")
+    spec = importlib.util.spec_from_file_location(f"_moe_jax_stage_config_{stage.name}", repo / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(preset) if preset else module.get_config()
+    return config.to_json_best_effort(sort_keys=True)
+
+
 def fingerprint(stage: Stage, repo: Path, overrides: Mapping[str, Any], model_id: str | None) -> str:
-    config_text = ""
-    if stage.config is not None:
-        config_text = (repo / stage.config.split(":")[0]).read_text()
-    key = json.dumps({"stage": dataclasses.asdict(stage), "config_text": config_text,
+    """What decides a stage's results: its launcher and outputs, its config's values, the flag
+    overrides and the model's bytes (`model_digest`)."""
+    key = json.dumps({"stage": dataclasses.asdict(stage), "config": config_values(stage, repo),
                       "flags": flag_args(overrides, "--"), "model": model_id if stage.uses_model else None},
                      sort_keys=True)
     return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
