@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,14 +32,16 @@ def apply(cfg: ModelConfig, params: Params, plan: PruningPlan) -> tuple[ModelCon
     new_cfg, new = cfg, _copy_tree(params)
     for layer in cfg.moe_layers:
         kept = list(plan.experts[layer])
+        name = cfg.layer_name(layer)
+        host = _host_experts(cfg, params, layer)
         per = []
         for e in kept:
-            w = expert_weight(cfg, params, layer, e)
-            j = jnp.asarray(plan.dims[layer][e])
+            w = expert_weight(cfg, host, layer, e)
+            j = np.asarray(plan.dims[layer][e], np.int64)
             per.append({"gate": w["gate"][:, j], "up": w["up"][:, j], "down": w["down"][j, :]})
         new_cfg = new_cfg.with_layer_experts(layer, [len(plan.dims[layer][e]) for e in kept])
-        moe = new[cfg.layer_name(layer)]["moe"]
-        moe["experts"] = pack_experts(new_cfg, layer, per, xp=jnp)
+        moe = new[name]["moe"]
+        moe["experts"] = jax.tree.map(jnp.asarray, pack_experts(new_cfg, layer, per, xp=np))
         if len(kept) < cfg.experts_per_layer[layer]:
             cols = jnp.asarray(kept)
             moe["router"]["kernel"] = moe["router"]["kernel"][:, cols]
@@ -46,6 +49,13 @@ def apply(cfg: ModelConfig, params: Params, plan: PruningPlan) -> tuple[ModelCon
                 moe["score_bias"] = moe["score_bias"][cols]
     new_cfg.validate()
     return new_cfg, new
+
+
+def _host_experts(cfg: ModelConfig, params: Params, layer: int) -> Params:
+    """A params view holding only `layer`'s experts, as numpy. Expert surgery runs on the host:
+    experts get different widths, and eager jax would compile one gather or pad per width."""
+    name = cfg.layer_name(layer)
+    return {name: {"moe": {"experts": jax.tree.map(np.asarray, params[name]["moe"]["experts"])}}}
 
 
 def _check_groups(cfg: ModelConfig, plan: PruningPlan) -> None:
@@ -77,14 +87,10 @@ def pad_to_uniform(cfg: ModelConfig, params: Params, multiple_of: int = 8) -> tu
     width = -(-width // multiple_of) * multiple_of
     new_cfg, new = cfg, _copy_tree(params)
     for layer in cfg.moe_layers:
-        per = []
-        for e in range(cfg.experts_per_layer[layer]):
-            w = expert_weight(cfg, params, layer, e)
-            pad = width - w["gate"].shape[1]
-            per.append({"gate": jnp.pad(w["gate"], ((0, 0), (0, pad))), "up": jnp.pad(w["up"], ((0, 0), (0, pad))),
-                        "down": jnp.pad(w["down"], ((0, pad), (0, 0)))})
+        host = _host_experts(cfg, params, layer)
+        per = [expert_weight(cfg, host, layer, e) for e in range(cfg.experts_per_layer[layer])]
         new_cfg = new_cfg.with_layer_experts(layer, [width] * cfg.experts_per_layer[layer])
-        new[cfg.layer_name(layer)]["moe"]["experts"] = pack_experts(new_cfg, layer, per, xp=jnp)
+        new[cfg.layer_name(layer)]["moe"]["experts"] = jax.tree.map(jnp.asarray, pack_experts(new_cfg, layer, per))
     return new_cfg, new
 
 

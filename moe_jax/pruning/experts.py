@@ -17,6 +17,7 @@ layer, so uniform only.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -123,12 +124,21 @@ def naee_layer(cfg: ModelConfig, params: dict, layer: int, x_ND: np.ndarray, n_k
     E, K = cfg.experts_per_layer[layer], cfg.num_experts_per_tok
     if n_keep < K:
         raise PlanError(f"naee: layer {layer} would keep {n_keep} experts, fewer than top_k={K}")
-    error = _subset_error_fn(cfg, params, layer, jnp.asarray(x_ND))
+    moe_params = params[cfg.layer_name(layer)]["moe"]
+    x_ND = jnp.asarray(x_ND, jnp.float32)
+    outs_END = _every_expert_output(cfg, layer, moe_params["experts"], x_ND)
+
+    def errors(masks_ME: np.ndarray, batch: int) -> np.ndarray:
+        """Padded to `batch` rows, so every call of a search runs one compiled program."""
+        padded = np.concatenate([masks_ME, np.repeat(masks_ME[:1], batch - len(masks_ME), 0)])
+        return np.asarray(_subset_errors(cfg, layer, moe_params, x_ND, outs_END, jnp.asarray(padded)))[:len(masks_ME)]
+
     if math.comb(E, n_keep) <= NAEE_EXHAUSTIVE_LIMIT:
         subsets = np.array(list(itertools.combinations(range(E), n_keep)))
         masks = np.zeros((len(subsets), E), np.float32)
         np.put_along_axis(masks, subsets, 1.0, axis=1)
-        errs = np.concatenate([np.asarray(error(jnp.asarray(masks[i:i + 256]))) for i in range(0, len(masks), 256)])
+        batch = min(256, len(masks))
+        errs = np.concatenate([errors(masks[i:i + batch], batch) for i in range(0, len(masks), batch)])
         best = int(np.argmin(errs))
         return tuple(int(e) for e in subsets[best]), float(errs[best])
     keep = list(range(E))
@@ -137,27 +147,33 @@ def naee_layer(cfg: ModelConfig, params: dict, layer: int, x_ND: np.ndarray, n_k
         masks = np.zeros((len(keep), E), np.float32)
         for i, drop in enumerate(keep):
             masks[i, [e for e in keep if e != drop]] = 1.0
-        errs = np.asarray(error(jnp.asarray(masks)))
+        errs = errors(masks, E)
         i = int(np.argmin(errs))
         err = float(errs[i])
         keep.pop(i)
     return tuple(keep), err
 
 
-def _subset_error_fn(cfg: ModelConfig, params: dict, layer: int, x_ND):
-    """masks (M, E) -> (M,) mean ||y_full - y_subset||^2 over the sample, routing re-run per subset."""
-    moe_params = params[cfg.layer_name(layer)]["moe"]
-    experts = moe_params["experts"]
+def _every_expert_output(cfg: ModelConfig, layer: int, experts: Mapping[str, Any], x_ND: jax.Array) -> jax.Array:
+    """(E, N, D): every expert's output on every sample token, in one dispatch (each token routed
+    to all E experts with weight 1)."""
     E, N = cfg.experts_per_layer[layer], x_ND.shape[0]
-    ones = jnp.ones((N, 1), jnp.float32)
-    outs_END = jnp.stack([moe.experts_forward(cfg, layer, experts, x_ND, (jnp.full((N, 1), e, jnp.int32), ones))[0]
-                          for e in range(E)])
+    every_NE = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32), (N, E))
+    _, stats = moe.experts_forward(cfg, layer, experts, x_ND, (every_NE, jnp.ones((N, E), jnp.float32)),
+                                   per_choice=True)
+    return jnp.swapaxes(stats["out_TKD"], 0, 1)
 
-    def output(expert_mask):
-        mask_NE = None if expert_mask is None else jnp.broadcast_to(expert_mask, (N, E))
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layer"))
+def _subset_errors(cfg: ModelConfig, layer: int, moe_params, x_ND, outs_END, masks_ME) -> jax.Array:
+    """(M,) mean ||y_full - y_subset||^2 over the sample, routing re-run with each subset's mask."""
+    E, N = outs_END.shape[:2]
+
+    def output(expert_mask_E):
+        mask_NE = None if expert_mask_E is None else jnp.broadcast_to(expert_mask_E, (N, E))
         r = moe.route(cfg, layer, moe_params, x_ND, expert_mask=mask_NE)
         picked_NKD = outs_END[r.idx_TK, jnp.arange(N)[:, None]]
         return jnp.einsum("nk,nkd->nd", r.weights_TK, picked_NKD)
 
-    full = output(None)
-    return jax.jit(jax.vmap(lambda m: jnp.mean(jnp.sum((output(m) - full) ** 2, -1))))
+    full_ND = output(None)
+    return jax.vmap(lambda m: jnp.mean(jnp.sum((output(m) - full_ND) ** 2, -1)))(masks_ME)
