@@ -90,7 +90,8 @@ def _free_port() -> int:
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distributed")
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
+    env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     args = [str(port), str(tmp / "export")]
     procs = [subprocess.Popen([sys.executable, __file__, str(i), *args, str(tmp / f"{i}.json")],

@@ -34,7 +34,7 @@ from moe_jax.data.lm_eval_tasks import write as write_lm_eval_tasks  # noqa: E40
 from moe_jax.harness import HarnessError, MoeJaxLM, load_tasks, task_manager  # noqa: E402
 from moe_jax.pruning import PlanError, PruningPlan  # noqa: E402
 from moe_jax.trimming import LayerTrim, RouterDriftError, TrimmingError, TrimmingPolicy  # noqa: E402
-from tests.conftest import random_hf_checkpoint, write_bpe_tokenizer  # noqa: E402
+from tests.conftest import random_hf_checkpoint, with_devices, write_bpe_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 32  # small, so rolling documents span several windows and long prompts are truncated
@@ -219,7 +219,7 @@ def test_tasks_load_before_any_model_and_bad_ones_are_named(tmp_path):
 
 
 def launch(tmp_path, workdir, *flags, devices: int = 1, wait: bool = True):
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = with_devices(dict(os.environ, PYTHONPATH=str(REPO)), devices)
     config = REPO / "configs" / "eval_harness.py"
     command = [sys.executable, "-m", "experiments.eval_harness", f"--config={config}", f"--workdir={workdir}",
                f"--config.model_path={tmp_path / 'mixtral'}", f"--config.include_path={tmp_path / 'tasks'}",
@@ -272,7 +272,7 @@ def test_main_job_on_a_hf_checkpoint_reports_held_out_perplexity_and_lm_eval_sco
          "What is two plus three? Five.", "A router picks the experts for each token."] * 6))
     (tmp_path / "calib.jsonl").write_text(text(0))
     (tmp_path / "heldout.jsonl").write_text(text(1))
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_backend_optimization_level=0")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     run = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "prune.py"), f"--config={REPO / 'configs' / 'prune.py'}",
          f"--workdir={tmp_path / 'work'}", f"--config.model_path={path}", "--config.methods=(('fisher:expert', 0.5),)",

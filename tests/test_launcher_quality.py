@@ -44,7 +44,7 @@ def data(tmp_path_factory):
 
 
 def launch(script: str, config: str, workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_backend_optimization_level=0")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, str(REPO / "experiments" / script), f"--config={REPO / 'configs' / config}",
                            f"--workdir={workdir}", *overrides], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)

@@ -14,11 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _launch(script: str, config: str, workdir: Path, *overrides: str, timeout: int = 600):
-    # The smokes check plumbing on tiny shapes, and compiling is most of their time: LLVM at -O0
-    # compiles about twice as fast (the programs run slower, which tiny shapes do not notice).
-    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-               XLA_FLAGS=xla_flags)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, str(REPO / "experiments" / script), f"--config={REPO / 'configs' / config}",
                            f"--workdir={workdir}", *overrides], capture_output=True, text=True, cwd=REPO,
                           timeout=timeout, env=env)

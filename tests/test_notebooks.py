@@ -5,7 +5,7 @@ nbconvert use): a real kernel runs the cells in order, as Colab does, and magics
 and rich outputs behave as there. Each notebook reads its knobs from one cell tagged
 "parameters" (a dict SETTINGS); the test inserts `SETTINGS.update(...)` after it, refusing keys
 the notebook does not have, and appends a cell that prints what the test checks as JSON.
-The kernels inherit this session's JAX compilation cache (conftest.py) and XLA -O0.
+The kernels inherit this session's JAX compilation cache (conftest.py) and its fast-compile XLA flags.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ def execute(path: Path, overrides: dict, report: str, tmp_path: Path, monkeypatc
         "assert not set(_overrides) - set(SETTINGS), f'unknown settings {set(_overrides) - set(SETTINGS)}'\n"
         "SETTINGS.update(_overrides)"))
     nb.cells.append(nbformat.v4.new_code_cell(f"import json as _json\nprint('REPORT' + _json.dumps({report}))"))
-    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip())
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": tmp_path}})
     client.execute()

@@ -37,7 +37,7 @@ def load_config(name: str):
 
 
 def reproduce(workdir: Path, name: str, *flags: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_backend_optimization_level=0")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"),
                            f"--config={REPO / 'configs' / 'papers' / f'{name}.py'}", f"--workdir={workdir}", *flags],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
