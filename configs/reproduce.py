@@ -53,8 +53,10 @@ def _quick() -> dict:
         # loaded 2-core CI box and came out <= 0 once (no decode latency, an empty cell).
         trim_latency=dict(hidden_size=32, num_layers=1, num_heads=2, num_experts=8, width=16, vocab_size=64,
                           batch_sizes=(2,), prompt_len=8, new_tokens=128, repeats=3, rounds=1),
-        # Two rows: the unpruned row is recomputed whenever the audit resumes (its GCG suffix feeds transfer).
-        audit=dict(n_safety=12, n_utility=2, n_attack=2, rows=("pathfinder_safe", "trimmed"),
+        # One row, the trimmed model the trade-off table joins (the pruned rows' safety-aware selection is
+        # tested in tests/test_safety.py and notebook 03); the unpruned row is recomputed whenever the audit
+        # resumes (its GCG suffix feeds transfer).
+        audit=dict(n_safety=12, n_utility=2, n_attack=2, rows=("trimmed",),
                    attacks=dict(max_queries=200, gcg_steps=2, gcg_candidates=4, reach_prompts=2),
                    calibration=dict(max_rows=16), safety_calibration=dict(n_per_domain=8),
                    monitor=dict(n_per_domain=3),

@@ -145,7 +145,7 @@ def test_second_run_redoes_only_the_killed_stages(run):
             assert (run.dir / stage / "STAGE.json").stat().st_mtime_ns == run.markers[stage]
     # Inside the killed stage, the launcher's own resumption: cached audit rows.
     audit_log = (run.dir / "audit" / "stdout.log").read_text()
-    assert "pathfinder_safe: cached" in audit_log and "trimmed: cached" in audit_log
+    assert "trimmed: cached" in audit_log
     # The resumed reproduction reports the skipped stages' numbers as the first run did.
     again = json.loads((run.dir / "results.json").read_text())
     for stage in ("fisher_moe", "pathfinder", "trimming"):
@@ -234,12 +234,12 @@ def test_trim_latency_stage(run):
 def test_audit_stage(run):
     d = run.dir / "audit"
     report = json.loads((d / "report.json").read_text())
-    assert list(report["rows"]) == ["pathfinder_safe", "trimmed"]
-    row = report["rows"]["pathfinder_safe"]
-    assert 0.0 <= row["refusal_rate"] <= 1.0 and row["critical_experts_removed"] == 0
+    assert list(report["rows"]) == ["trimmed"]  # the pruned rows' selection: test_safety.py, notebook 03
+    row = report["rows"]["trimmed"]
+    assert 0.0 <= row["refusal_rate"] <= 1.0 and 0.0 <= row["mean_utility"] <= 1.0
     assert row["attacks"]["route_forcing"]["queries"] <= 200
     assert row["monitor"]["calibration_fpr"] <= 0.05 + 1e-9
-    assert "| Pathfinder 50% (safety-aware) |" in (d / "report.md").read_text()
+    assert "| trimmed @ 0.65 |" in (d / "report.md").read_text()
     # quick mode sets eval.data: every row carries held-out perplexity, also in RESULTS.md's table
     assert all(math.isfinite(r["quality"]["ppl (eval.data)"]) and r["quality"]["ppl (eval.data)"] > 1
                for r in report["rows"].values())
