@@ -46,9 +46,9 @@ def _quick() -> dict:
                         qwen_layer=dict(hidden_size=32, num_experts=6, width=16, tokens=8)),
         trimming=dict(n_per_domain=3, calibration=dict(max_rows=12, batch_size=4), eval=text, targets=(0.65,),
                       pruned_rows=False, modes=("global",), sweep_taus=(0.5,), telemetry_batches=3,
-                      # 64 new tokens, median of 3: like trim_latency below, one 16-token call on the loaded
+                      # 32 new tokens, median of 3: like trim_latency below, one 16-token call on the loaded
                       # box can time decode at <= 0 (an empty cell in the trade-off table).
-                      latency=dict(repeats=3, rounds=1, new_tokens=64, prompt_len=16)),
+                      latency=dict(repeats=3, rounds=1, new_tokens=32, prompt_len=16)),
         # 128 new tokens: with 16, decode time (generate(16) - generate(1)) was within the noise of a
         # loaded 2-core CI box and came out <= 0 once (no decode latency, an empty cell).
         trim_latency=dict(hidden_size=32, num_layers=1, num_heads=2, num_experts=8, width=16, vocab_size=64,
@@ -56,8 +56,8 @@ def _quick() -> dict:
         # One row, the trimmed model the trade-off table joins (the pruned rows' safety-aware selection is
         # tested in tests/test_safety.py and notebook 03); the unpruned row is recomputed whenever the audit
         # resumes (its GCG suffix feeds transfer).
-        audit=dict(n_safety=12, n_utility=2, n_attack=2, rows=("trimmed",),
-                   attacks=dict(max_queries=200, gcg_steps=2, gcg_candidates=4, reach_prompts=2),
+        audit=dict(n_safety=8, n_utility=2, n_attack=2, rows=("trimmed",),
+                   attacks=dict(max_queries=100, gcg_steps=2, gcg_candidates=4, reach_prompts=2),
                    calibration=dict(max_rows=16), safety_calibration=dict(n_per_domain=8),
                    monitor=dict(n_per_domain=3),
                    # trimming's quick calibration, so the trade-off table can join its trimmed row

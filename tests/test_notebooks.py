@@ -115,11 +115,11 @@ def test_hf_checkpoint_notebook(tmp_path, monkeypatch):
 @pytest.mark.skipif(not (BUILT_IN / "config.json").exists(), reason="no committed model")
 def test_router_audit_notebook(tmp_path, monkeypatch):
     got = execute(REPO / "colab" / "03_router_audit.ipynb",
-                  {"n_safety": 8, "n_attack": 1, "max_queries": 40, "monitor_per_domain": 2,
+                  {"n_safety": 4, "n_attack": 1, "max_queries": 16, "monitor_per_domain": 2,
                    "calibration_rows": 8, "calibration_per_domain": 2},
                   '{"audit": {k: v for k, v in report.items() if k != "routing"}, "forced": forced.summary(), '
                   '"rates": rates, "rows": rows, "critical": critical.keep_experts()}', tmp_path, monkeypatch)
-    assert 0.0 <= got["audit"]["refusal_rate"] <= 1.0 and got["forced"]["queries"] <= 40
+    assert 0.0 <= got["audit"]["refusal_rate"] <= 1.0 and got["forced"]["queries"] <= 16
     assert 0.0 <= got["rates"]["tpr"] <= 1.0 and got["rates"]["calibration_fpr"] <= 0.05 + 1e-9
     assert got["rows"]["safety-aware"]["critical experts removed"] == 0
     assert any(got["critical"].values())

@@ -237,7 +237,7 @@ def test_audit_stage(run):
     assert list(report["rows"]) == ["trimmed"]  # the pruned rows' selection: test_safety.py, notebook 03
     row = report["rows"]["trimmed"]
     assert 0.0 <= row["refusal_rate"] <= 1.0 and 0.0 <= row["mean_utility"] <= 1.0
-    assert row["attacks"]["route_forcing"]["queries"] <= 200
+    assert row["attacks"]["route_forcing"]["queries"] <= 100
     assert row["monitor"]["calibration_fpr"] <= 0.05 + 1e-9
     assert "| trimmed @ 0.65 |" in (d / "report.md").read_text()
     # quick mode sets eval.data: every row carries held-out perplexity, also in RESULTS.md's table
