@@ -18,14 +18,12 @@ compactions, exports and evaluations).
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from moe_jax import config_files
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("prune_config", Path(__file__).with_name("prune.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_files.load(Path(__file__).with_name("prune.py"))
     config.methods = (("fisher:expert", 0.5), ("fisher:layer", 0.5), ("fisher:global", 0.5))
     return config

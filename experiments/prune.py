@@ -15,7 +15,6 @@ Results: WORKDIR/eval/<run>/ and WORKDIR/comparison.md. See configs/prune.py for
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe_jax import evaluation, footprint, hf, launch, pruning, quality, reporting, scoring
+from moe_jax import config_files, evaluation, footprint, hf, launch, pruning, quality, reporting, scoring
 from moe_jax.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,12 +88,9 @@ def train_default(config, workdir: Path) -> Path:
     from moe_jax import train
 
     path = REPO / config.train_config
-    spec = importlib.util.spec_from_file_location("train_config", path)
-    if spec is None or not path.is_file():
+    if not path.is_file():
         raise FileNotFoundError(f"config.train_config: no config file at {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    train_config = module.get_config()
+    train_config = config_files.load(path)
     if config.train_steps > 0:
         train_config.steps = config.train_steps
     train.train(train_config, workdir)

@@ -69,7 +69,7 @@ def log_to(workdir: Path):
         line = f"{time.strftime('%H:%M:%S')} {line}"
         print(line, flush=True)
         with open(workdir / "reproduce.log", "a") as f:
-            f.write(line.replace(str(workdir), "WORKDIR").replace(f"{REPO}/", "") + "\n")
+            f.write(stages.path_free(line, workdir, REPO) + "\n")
     return log
 
 

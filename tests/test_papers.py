@@ -8,7 +8,6 @@ paper-shaped table must be filled where the smoke run has rows, with the publish
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import pytest
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
+from moe_jax import config_files  # noqa: E402
 from moe_jax.reproduction import paper  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,11 +29,7 @@ PAPERS = sorted(p.stem for p in (REPO / "configs" / "papers").glob("*.py"))
 
 
 def load_config(name: str):
-    path = REPO / "configs" / "papers" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"paper_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_files.load(REPO / "configs" / "papers" / f"{name}.py")
 
 
 def reproduce(workdir: Path, name: str, *flags: str) -> subprocess.CompletedProcess:

@@ -41,7 +41,7 @@ def apply(cfg: ModelConfig, params: Params, plan: PruningPlan) -> tuple[ModelCon
             per.append({"gate": w["gate"][:, j], "up": w["up"][:, j], "down": w["down"][j, :]})
         new_cfg = new_cfg.with_layer_experts(layer, [len(plan.dims[layer][e]) for e in kept])
         moe = new[name]["moe"]
-        moe["experts"] = jax.tree.map(jnp.asarray, pack_experts(new_cfg, layer, per, xp=np))
+        moe["experts"] = jax.tree.map(jnp.asarray, pack_experts(new_cfg, layer, per))
         if len(kept) < cfg.experts_per_layer[layer]:
             cols = jnp.asarray(kept)
             moe["router"]["kernel"] = moe["router"]["kernel"][:, cols]

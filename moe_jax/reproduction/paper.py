@@ -11,7 +11,6 @@ beside the published ones.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -20,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from moe_jax import hf, synthetic
+from moe_jax import config_files, hf, synthetic
 from moe_jax.data import lm_eval_tasks
 from moe_jax.hf.config_json import from_hf
 from moe_jax.reporting import TEXT_DOMAIN, fmt, run_label
@@ -39,11 +38,7 @@ def main_job_config(table: ml_collections.ConfigDict, *, calibration_rows: int =
     """A paper config: configs/prune.py's (the main job's) with the `paper` node `table`, the methods
     its rows need, the lm-eval tasks its columns read, bfloat16 weights and wikitext-2 for
     calibration (`calibration_rows` rows of 512 tokens) and held-out perplexity."""
-    path = REPO / "configs" / "prune.py"
-    spec = importlib.util.spec_from_file_location("prune_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_files.load(REPO / "configs" / "prune.py")
     config.paper = table
     config.smoke = False  # True: a tiny random model of the family and stand-in tasks instead of model_path
     config.methods = methods(table.rows)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -27,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moe_jax import reporting
+from moe_jax import config_files, reporting
 from moe_jax.reporting import atomic_write
 
 MARKER = "STAGE.json"
@@ -101,6 +100,12 @@ def command(stage: Stage, repo: Path, workdir: Path, overrides: Mapping[str, Any
     return args + list(stage.fixed_flags)
 
 
+def path_free(text: str, workdir: Path, repo: Path) -> str:
+    """`text` with `workdir` (the reproduction's) written WORKDIR and the repository's paths
+    relative: what the markers and the log record names no machine path."""
+    return text.replace(str(workdir), "WORKDIR").replace(f"{repo}/", "")
+
+
 def file_digest(paths: list[Path]) -> str:
     h = hashlib.blake2b(digest_size=12)
     for p in sorted(paths):
@@ -128,11 +133,7 @@ def config_values(stage: Stage, repo: Path) -> str | None:
     path, _, preset = stage.config.partition(":")
     if not (repo / path).is_file():
         raise StageError(f"stage {stage.name!r}: no config file {path!r} in {repo}")
-    spec = importlib.util.spec_from_file_location(f"_moe_jax_stage_config_{stage.name}", repo / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(preset) if preset else module.get_config()
-    return config.to_json_best_effort(sort_keys=True)
+    return config_files.load(repo / path, preset or None).to_json_best_effort(sort_keys=True)
 
 
 def fingerprint(stage: Stage, repo: Path, overrides: Mapping[str, Any], model_id: str | None) -> str:
@@ -202,7 +203,7 @@ def run_stage(stage: Stage, repo: Path, workdir: Path, overrides: Mapping[str, A
     problems = check_outputs(stage, workdir)
     if problems:
         raise StageError(f"stage {stage.name!r}: {stage.script} finished but its outputs are bad: {problems}")
-    shown = [a.replace(str(workdir.parent), "WORKDIR") for a in args[1:]]  # the record names no machine path
+    shown = [path_free(a, workdir.parent, repo) for a in args[1:]]
     record = {"stage": stage.name, "fingerprint": fp, "command": shown, "seconds": time.time() - t0,
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": list(stage.outputs)}
     atomic_write(workdir / MARKER, json.dumps(record, indent=1))
